@@ -1,0 +1,349 @@
+"""The one decode loop.
+
+Every strategy in unmask runs here: the loop builds the canvas (prompt + `gen_length` masks, left
+padded into a batch), calls the model, turns logits into per-position statistics, asks the policy
+which positions to commit, writes them, advances blocks, applies the stop rule, records the trace
+and counts NFE, rows and time. It is the only place that calls the model during decoding and the
+only place that counts.
+
+Sequences of a batch move independently: each has its own current block, and a sequence that has
+finished leaves the batch (it is not forwarded again), so its NFE is exactly the calls it took part
+in. Each sequence draws its random numbers from its own generator seeded with the decode seed, so a
+prompt decodes to the same tokens alone or in any batch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from unmask.decoding.config import DecodeConfig
+from unmask.decoding.policies.base import Policy, StepView, most_confident
+from unmask.decoding.trace import Trace, TraceRecorder
+from unmask.errors import UnmaskError
+
+Prompt = str | list[dict] | list[int]
+
+
+@dataclass
+class SequenceResult:
+    """One decoded sequence and what it cost."""
+
+    prompt_ids: list[int]
+    tokens: list[int]  # the whole generation region after decoding
+    answer_ids: list[int]  # tokens before the first stop token
+    text: str
+    nfe: int  # model calls this sequence took part in
+    rows: int  # sequence-forwards computed for it (NFE plus extra verification rows)
+    decided: int  # generation positions decided (committed by the policy or filled at stop)
+    latency_s: float  # from the start of the decode until this sequence finished
+    stopped_early: bool
+    trace: Trace | None = None
+
+    @property
+    def useful_tokens(self) -> int:
+        return len(self.answer_ids)
+
+    @property
+    def tpf(self) -> float:
+        return self.decided / max(self.nfe, 1)
+
+
+@dataclass
+class DecodeResult:
+    sequences: list[SequenceResult]
+    wall_s: float
+    strategy: str
+    params: dict[str, Any]
+    config: DecodeConfig
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def texts(self) -> list[str]:
+        return [s.text for s in self.sequences]
+
+
+def encode_prompts(model, prompts: Sequence[Prompt], chat: bool = True) -> list[list[int]]:
+    """Token ids for each prompt: ids pass through, strings and message lists get the chat template."""
+    out = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            ids = list(prompt)
+        elif isinstance(prompt, (str, list)):
+            if isinstance(prompt, list) and not prompt:
+                raise UnmaskError(f"prompt {i} is an empty message list; give at least one message", field="messages")
+            ids = model.tokenizer.prompt_ids(prompt, chat=chat)
+        else:
+            raise UnmaskError(f"prompt {i} must be a string, a list of chat messages or a list of token ids")
+        if not ids:
+            raise UnmaskError(f"prompt {i} is empty after tokenisation; give some text")
+        out.append(ids)
+    return out
+
+
+def token_stats(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-position statistics of the un-noised distribution, in float32. logits: (..., vocab)."""
+    logits = logits.float()
+    log_probs = torch.log_softmax(logits, dim=-1)
+    top2 = torch.topk(log_probs, k=min(2, log_probs.shape[-1]), dim=-1)
+    top1_prob = top2.values[..., 0].exp()
+    second = top2.values[..., 1].exp() if top2.values.shape[-1] > 1 else torch.zeros_like(top1_prob)
+    probs = log_probs.exp()
+    entropy = -(probs * log_probs.clamp(min=-1e30)).sum(-1)
+    return {
+        "log_probs": log_probs,
+        "top1": top2.indices[..., 0],
+        "top1_prob": top1_prob,
+        "margin": top1_prob - second,
+        "entropy": entropy,
+    }
+
+
+def _gumbel_candidates(logits: torch.Tensor, temperature: float, generators: list[torch.Generator]) -> torch.Tensor:
+    """Argmax of logits / T plus Gumbel noise drawn from each row's own generator. logits: (b, L, V)."""
+    noise = torch.stack([torch.rand(logits.shape[1:], generator=g, dtype=torch.float64) for g in generators])
+    gumbel = -torch.log(-torch.log(noise.clamp(min=1e-20)))
+    return (logits.double() / temperature + gumbel.to(logits.device)).argmax(-1)
+
+
+class Decoder:
+    """Runs one policy over one batch of prompts. Use `generate(...)`; this holds the per-decode state."""
+
+    def __init__(self, model, policy: Policy, config: DecodeConfig, progress: Callable[[int], None] | None = None):
+        self.model = model
+        self.policy = policy
+        self.config = config
+        self.progress = progress
+
+    @torch.inference_mode()
+    def run(self, prompt_ids: list[list[int]]) -> DecodeResult:
+        model, policy, cfg = self.model, self.policy, self.config
+        device = model.device
+        batch = len(prompt_ids)
+        gen = cfg.gen_length
+        block_len = gen if policy.whole_generation else cfg.block_length
+        num_blocks = gen // block_len
+        prompt_len = max(len(p) for p in prompt_ids)
+        if prompt_len + gen > model.max_length:
+            raise UnmaskError(
+                f"prompt ({prompt_len} tokens) plus gen_length {gen} exceeds the model's context of {model.max_length}; "
+                "shorten the prompt or the generation",
+                field="gen_length",
+            )
+        stop_ids = torch.tensor(model.stop_ids, device=device)
+
+        canvas = torch.full((batch, prompt_len + gen), model.pad_id, dtype=torch.long, device=device)
+        attention = torch.zeros_like(canvas, dtype=torch.bool)
+        for row, ids in enumerate(prompt_ids):
+            canvas[row, prompt_len - len(ids) : prompt_len] = torch.tensor(ids, device=device)
+            attention[row, prompt_len - len(ids) :] = True
+        canvas[:, prompt_len:] = model.mask_id
+        positions = model.position_ids(attention)
+        gen_view = canvas[:, prompt_len:]  # (batch, gen) view: writes land in the canvas
+
+        block_idx = torch.zeros(batch, dtype=torch.long, device=device)
+        block_step = torch.zeros(batch, dtype=torch.long, device=device)
+        active = torch.ones(batch, dtype=torch.bool, device=device)
+        nfe = torch.zeros(batch, dtype=torch.long)
+        rows_count = torch.zeros(batch, dtype=torch.long)
+        stopped_early = torch.zeros(batch, dtype=torch.bool)
+        finish_s = np.zeros(batch)
+        prev_top1 = torch.full((batch, gen), -1, dtype=torch.long, device=device)
+        stable = torch.zeros((batch, gen), dtype=torch.long, device=device)
+        prev_conf = torch.full((batch, gen), float("nan"), device=device)
+        commit_step = torch.full((batch, gen), -1, dtype=torch.long, device=device)
+        generators = [torch.Generator().manual_seed(int(cfg.seed)) for _ in range(batch)]
+        recorder = TraceRecorder(batch) if cfg.record_trace else None
+        max_steps = cfg.max_steps_per_block or 4 * block_len
+        state = policy.init_state(batch, gen, device)
+        offsets = torch.arange(block_len, device=device)
+        step = 0
+        start = time.perf_counter()
+
+        while bool(active.any()):
+            idx = active.nonzero().squeeze(1)
+            b = idx.shape[0]
+            logits = model.logits(canvas[idx], attention[idx], positions[idx])[:, prompt_len:].float()  # (b, gen, V)
+            logits[..., model.mask_id] = float("-inf")  # the mask token is never a prediction
+            nfe[idx.cpu()] += 1
+            rows_count[idx.cpu()] += 1
+
+            block_pos = (block_idx[idx] * block_len)[:, None] + offsets  # (b, block)
+            arange_b = torch.arange(b, device=device)[:, None]
+            gen_top1 = logits.argmax(-1)  # (b, gen)
+            full = token_stats(logits) if recorder is not None else None
+            blk_logits = logits[arange_b, block_pos]  # (b, block, V)
+            stats = {k: v[arange_b, block_pos] for k, v in full.items()} if full else token_stats(blk_logits)
+            temperature = float(getattr(policy.config, "temperature", 0.0))
+            row_gens = [generators[i] for i in idx.tolist()]
+            if temperature > 0:
+                candidate = _gumbel_candidates(blk_logits, temperature, row_gens)
+                confidence = stats["log_probs"].gather(-1, candidate[..., None]).squeeze(-1).exp()
+            else:
+                candidate, confidence = stats["top1"], stats["top1_prob"]
+
+            same = gen_top1 == prev_top1[idx]
+            stable[idx] = torch.where(same, stable[idx] + 1, torch.ones_like(gen_top1))
+            prev_top1[idx] = gen_top1
+            tokens_blk = gen_view[idx][arange_b, block_pos]
+            masked = tokens_blk == model.mask_id
+            view = StepView(
+                rows=idx,
+                positions=block_pos,
+                tokens=tokens_blk,
+                masked=masked,
+                logits=blk_logits,
+                top1=stats["top1"],
+                top1_prob=stats["top1_prob"],
+                candidate=candidate,
+                confidence=confidence,
+                margin=stats["margin"],
+                entropy=stats["entropy"],
+                stable=stable[idx][arange_b, block_pos],
+                prev_confidence=prev_conf[idx][arange_b, block_pos],
+                block_step=block_step[idx],
+                step=step,
+                gen_top1=gen_top1,
+                block_length=block_len,
+                gen_length=gen,
+                num_blocks=num_blocks,
+                mask_id=model.mask_id,
+                stop_ids=tuple(model.stop_ids),
+                generators=row_gens,
+            )
+            decision = policy.decide(view, state)
+            commit = decision.commit & masked
+            if not policy.remasking:
+                # progress guarantee: a step that commits nothing commits the most confident position
+                stuck = ~commit.any(-1) & masked.any(-1)
+                if bool(stuck.any()):
+                    commit |= most_confident(confidence, masked) & stuck[:, None]
+            write = decision.tokens if decision.tokens is not None else candidate
+            new_blk = torch.where(commit, write, tokens_blk)
+            remask = None
+            if decision.remask is not None and policy.remasking:
+                remask = decision.remask & ~masked & ~commit
+                new_blk = torch.where(remask, torch.full_like(new_blk, model.mask_id), new_blk)
+            # safety bound for remasking policies: at the limit, the block is finished as predicted
+            over = (block_step[idx] + 1 >= max_steps)[:, None] & (new_blk == model.mask_id)
+            new_blk = torch.where(over, candidate, new_blk)
+            commit = commit | over
+
+            rows_gen = gen_view[idx]
+            rows_gen[arange_b, block_pos] = new_blk
+            gen_view[idx] = rows_gen
+            cs = commit_step[idx]
+            cs[arange_b, block_pos] = torch.where(commit, torch.full_like(block_pos, step), cs[arange_b, block_pos])
+            if remask is not None:
+                cs[arange_b, block_pos] = torch.where(remask, torch.full_like(block_pos, -1), cs[arange_b, block_pos])
+            commit_step[idx] = cs
+            pc = prev_conf[idx]
+            pc[arange_b, block_pos] = stats["top1_prob"]
+            prev_conf[idx] = pc
+            block_step[idx] += 1
+
+            if recorder is not None:
+                masked_before = (gen_view[idx] == model.mask_id).clone()
+                masked_before[arange_b, block_pos] = masked
+                for j, row in enumerate(idx.tolist()):
+                    recorder.record(
+                        row,
+                        top1=gen_top1[j].cpu().numpy(),
+                        confidence=full["top1_prob"][j].cpu().numpy(),
+                        margin=full["margin"][j].cpu().numpy(),
+                        entropy=full["entropy"][j].cpu().numpy(),
+                        masked_before=masked_before[j].cpu().numpy(),
+                        tokens_after=gen_view[row].cpu().numpy().copy(),
+                        block=int(block_idx[row]),
+                    )
+                    if remask is not None:
+                        for p in remask[j].nonzero().squeeze(1).tolist():
+                            recorder.remasked[row].append((step, int(block_pos[j, p])))
+
+            # block completion, the stop rule, and leaving the batch
+            block_done = ~(new_blk == model.mask_id).any(-1)  # (b,)
+            if bool(block_done.any()):
+                done_rows = idx[block_done]
+                if cfg.early_stop:
+                    self._stop_rule(done_rows, gen_view, gen_top1[block_done], block_idx, block_len, stop_ids, stopped_early)
+                block_idx[done_rows] += 1
+                block_step[done_rows] = 0
+                finished = done_rows[(block_idx[done_rows] >= num_blocks) | stopped_early[done_rows.cpu()].to(device)]
+                if finished.numel():
+                    active[finished] = False
+                    finish_s[finished.cpu().numpy()] = time.perf_counter() - start
+            step += 1
+            if self.progress is not None:
+                self.progress(step)
+
+        wall = time.perf_counter() - start
+        sequences = []
+        stop_set = set(model.stop_ids)
+        cs_np = commit_step.cpu().numpy()
+        for row in range(batch):
+            tokens = gen_view[row].tolist()
+            cut = next((i for i, t in enumerate(tokens) if t in stop_set), len(tokens))
+            answer = tokens[:cut]
+            sequences.append(
+                SequenceResult(
+                    prompt_ids=list(prompt_ids[row]),
+                    tokens=tokens,
+                    answer_ids=answer,
+                    text=model.tokenizer.decode(answer),
+                    nfe=int(nfe[row]),
+                    rows=int(rows_count[row]),
+                    decided=gen,
+                    latency_s=float(finish_s[row]),
+                    stopped_early=bool(stopped_early[row]),
+                    trace=recorder.build(row, cs_np[row]) if recorder is not None else None,
+                )
+            )
+        return DecodeResult(sequences=sequences, wall_s=wall, strategy=policy.name, params=policy.params, config=cfg)
+
+    @staticmethod
+    def _stop_rule(rows, gen_view, gen_top1, block_idx, block_len, stop_ids, stopped_early) -> None:
+        """A finished block holding a committed stop token, with only stop tokens predicted for every
+        later masked position, ends the decode: those positions are filled with their predictions."""
+        tokens = gen_view[rows]  # (r, gen)
+        gen = tokens.shape[1]
+        block_end = (block_idx[rows] + 1) * block_len  # (r,)
+        pos = torch.arange(gen, device=tokens.device)[None, :]
+        decided_region = pos < block_end[:, None]
+        has_stop = (torch.isin(tokens, stop_ids) & decided_region).any(-1)
+        later = pos >= block_end[:, None]
+        later_ok = (~later | torch.isin(gen_top1, stop_ids)).all(-1)
+        fire = has_stop & later_ok & (block_end < gen)
+        if bool(fire.any()):
+            fill_rows = rows[fire]
+            filled = torch.where(later[fire], gen_top1[fire], tokens[fire])
+            gen_view[fill_rows] = filled
+            stopped_early[fill_rows.cpu()] = True
+
+
+def generate(
+    model,
+    prompts: Sequence[Prompt],
+    policy: Policy | str = "low_confidence",
+    config: DecodeConfig | None = None,
+    chat: bool = True,
+    progress: Callable[[int], None] | None = None,
+    **overrides,
+) -> DecodeResult:
+    """Decode `prompts` with `policy` (an instance or a strategy string) in one batch.
+
+    `overrides` are DecodeConfig fields (gen_length=..., block_length=..., seed=...).
+    """
+    from unmask.decoding.registry import parse_strategy
+
+    if isinstance(policy, str):
+        policy = parse_strategy(policy)
+    config = DecodeConfig(**{**(config.__dict__ if config else {}), **overrides}).resolved(model.defaults)
+    if not prompts:
+        raise UnmaskError("no prompts given; pass at least one prompt")
+    prompt_ids = encode_prompts(model, prompts, chat=chat)
+    policy.prepare(model, prompt_ids, config)
+    return Decoder(model, policy, config, progress=progress).run(prompt_ids)

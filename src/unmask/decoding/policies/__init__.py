@@ -1,0 +1,12 @@
+"""Built-in policies; importing this package registers each of them."""
+
+from unmask.decoding.policies import (  # noqa: F401
+    entropy,
+    factor,
+    low_confidence,
+    margin,
+    one_shot,
+    oracle,
+    random_order,
+    threshold,
+)

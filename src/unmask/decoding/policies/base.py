@@ -1,0 +1,135 @@
+"""What a policy sees and what it returns.
+
+The loop owns model calls, the cache, accounting, the trace and stopping. After each call it hands
+the policy a `StepView` of the current block of every active sequence and takes back a `Decision`:
+which masked positions to commit (and, for remasking policies, which committed ones to mask again).
+A policy is a small class with a `Config` dataclass and one `decide` method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+
+from unmask.errors import UnmaskError
+
+
+@dataclass
+class PolicyConfig:
+    """Settings every policy has. Subclasses add their own fields, each with a default."""
+
+    # Gumbel-noise sampling temperature for the candidate token (0 = greedy argmax). Confidence is
+    # still read from the un-noised distribution (DESIGN.md).
+    temperature: float = 0.0
+
+    def validate(self) -> None:
+        if self.temperature < 0:
+            raise UnmaskError(f"temperature must be >= 0, got {self.temperature}", field="temperature")
+
+
+@dataclass
+class StepView:
+    """The model's output for the current block of each active sequence, after one call.
+
+    Shapes: `batch` is the number of active sequences in this call, `block` the block length,
+    `gen` the generation length. Block tensors are aligned with `positions` (indices into the
+    generation region).
+    """
+
+    rows: torch.Tensor  # (batch,) indices of these sequences in the whole decode batch
+    positions: torch.Tensor  # (batch, block) generation-region index of each block position
+    tokens: torch.Tensor  # (batch, block) current tokens (mask_id where masked)
+    masked: torch.Tensor  # (batch, block) bool
+    logits: torch.Tensor  # (batch, block, vocab) raw model logits, float32
+    top1: torch.Tensor  # (batch, block) argmax of the un-noised distribution
+    top1_prob: torch.Tensor  # (batch, block)
+    candidate: torch.Tensor  # (batch, block) token to commit (= top1 unless sampling)
+    confidence: torch.Tensor  # (batch, block) un-noised probability of `candidate`
+    margin: torch.Tensor  # (batch, block) top-1 minus top-2 probability
+    entropy: torch.Tensor  # (batch, block) entropy of the distribution (nats)
+    stable: torch.Tensor  # (batch, block) consecutive calls (this one included) with the same top1
+    prev_confidence: torch.Tensor  # (batch, block) confidence of the top1 at the previous call (nan if none)
+    block_step: torch.Tensor  # (batch,) calls already made in this block before this one
+    step: int  # calls made in this decode before this one
+    gen_top1: torch.Tensor  # (batch, gen) argmax over the whole generation region
+    block_length: int
+    gen_length: int
+    num_blocks: int
+    mask_id: int
+    stop_ids: tuple[int, ...]
+    generators: list[torch.Generator]  # one per active sequence, seeded as if decoded alone
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch(self) -> int:
+        return int(self.rows.shape[0])
+
+    def uniform(self) -> torch.Tensor:
+        """(batch, block) uniforms drawn from each sequence's own generator (batch-invariant)."""
+        device = self.top1.device
+        return torch.stack(
+            [torch.rand(self.block_length, generator=g).to(device) for g in self.generators]
+        ) if self.generators else torch.empty(0, self.block_length, device=device)
+
+
+@dataclass
+class Decision:
+    """A policy's answer for one step: positions to commit (with tokens) and, rarely, to remask."""
+
+    commit: torch.Tensor  # (batch, block) bool, only masked positions may be True
+    tokens: torch.Tensor | None = None  # (batch, block) tokens to write; defaults to view.candidate
+    remask: torch.Tensor | None = None  # (batch, block) bool, remasking policies only
+
+
+class Policy:
+    """Base class. Subclasses set `name`, `Config`, and implement `decide`.
+
+    `remasking`: the policy may remask committed tokens (the loop then bounds the steps).
+    `whole_generation`: the policy ignores semi-autoregressive blocks and treats the whole
+    generation as one block (one_shot does).
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[PolicyConfig]] = PolicyConfig
+    remasking: ClassVar[bool] = False
+    whole_generation: ClassVar[bool] = False
+
+    def __init__(self, config: PolicyConfig | None = None):
+        self.config = config if config is not None else self.Config()
+        self.config.validate()
+
+    # --- hooks -------------------------------------------------------------------------------
+    def prepare(self, model, prompts: list[list[int]], decode_config) -> None:
+        """Called once per decode before the first step (the oracle runs its reference here)."""
+
+    def init_state(self, batch_size: int, gen_length: int, device: torch.device) -> Any:
+        """Per-decode state for stateful policies, indexed by `view.rows`."""
+        return None
+
+    def decide(self, view: StepView, state: Any) -> Decision:
+        raise NotImplementedError
+
+    # --- helpers -----------------------------------------------------------------------------
+    @property
+    def params(self) -> dict[str, Any]:
+        return {f.name: getattr(self.config, f.name) for f in fields(self.config)}
+
+    def describe(self) -> str:
+        return f"{self.name}:" + ",".join(f"{k}={v}" for k, v in self.params.items())
+
+
+def top_k_mask(score: torch.Tensor, allowed: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Bool mask of the `k[b]` highest-scoring allowed positions per row (ties: lower index first)."""
+    score = score.masked_fill(~allowed, float("-inf"))
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(score.shape[-1], device=score.device).expand_as(order))
+    k = torch.minimum(k, allowed.sum(-1))
+    return (ranks < k[:, None]) & allowed
+
+
+def most_confident(score: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Bool mask with the single best allowed position per row (rows with none allowed: all False)."""
+    return top_k_mask(score, allowed, torch.ones(score.shape[0], dtype=torch.long, device=score.device))

@@ -1,0 +1,38 @@
+import torch
+
+from unmask.decoding.policies.base import Decision, Policy, most_confident
+from unmask.decoding.registry import register_policy
+
+
+@register_policy
+class Oracle(Policy):
+    """The oracle bound (DESIGN.md): how far a policy that trusts argmax predictions could go.
+
+    `prepare` runs the reference decode (low_confidence, one token per step, greedy) to get y*.
+    Each step then commits every masked position of the block whose current argmax already equals
+    y*_i; if none does, the masked position that gives y*_i the highest probability is forced to
+    y*_i. The result reproduces y* exactly; its NFE counts only the second decode, since the
+    reference is what is being bounded, not a cost the bound pays.
+    """
+
+    name = "oracle"
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self._targets: torch.Tensor | None = None
+
+    def prepare(self, model, prompts, decode_config) -> None:
+        from unmask.decoding.loop import Decoder
+        from unmask.decoding.policies.low_confidence import LowConfidence
+
+        reference = Decoder(model, LowConfidence(), decode_config).run(prompts)
+        self._targets = torch.tensor([s.tokens for s in reference.sequences], device=model.device)
+
+    def decide(self, view, state):
+        if self._targets is None:
+            raise RuntimeError("oracle.decide called before prepare(); the loop calls prepare first")
+        target = self._targets[view.rows][torch.arange(view.batch, device=view.positions.device)[:, None], view.positions]
+        agree = view.masked & (view.top1 == target)
+        target_prob = torch.log_softmax(view.logits, dim=-1).gather(-1, target[..., None]).squeeze(-1)
+        forced = most_confident(target_prob, view.masked) & ~agree.any(-1, keepdim=True)
+        return Decision(commit=agree | forced, tokens=target)

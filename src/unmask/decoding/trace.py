@@ -1,0 +1,77 @@
+"""The trace of a decode: for every step and generation position, what the model said there.
+
+Recorded by the loop when `DecodeConfig.record_trace` is on. Arrays are (steps, gen_length) with
+step 0 the first model call. Confidence, margin and entropy are of the un-noised top-1. R², TSPD,
+CE features, the visualiser and the redundancy scores are all derived from these arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Trace:
+    top1: np.ndarray  # (steps, gen) int, argmax at each call
+    confidence: np.ndarray  # (steps, gen) float32, probability of the top-1
+    margin: np.ndarray  # (steps, gen) float32, top-1 minus top-2 probability
+    entropy: np.ndarray  # (steps, gen) float32
+    masked_before: np.ndarray  # (steps, gen) bool, position was masked when the call was made
+    tokens_after: np.ndarray  # (steps, gen) int, the canvas after the step's commits
+    block: np.ndarray  # (steps,) int, block index of each step
+    commit_step: np.ndarray  # (gen,) int, step at which the final token was committed (-1: filled at stop)
+    remasked: list[tuple[int, int]] = field(default_factory=list)  # (step, position) remask events
+
+    @property
+    def steps(self) -> int:
+        return int(self.top1.shape[0])
+
+    @property
+    def final_tokens(self) -> np.ndarray:
+        return self.tokens_after[-1]
+
+    def to_npz(self, path) -> None:
+        np.savez_compressed(
+            path,
+            top1=self.top1, confidence=self.confidence, margin=self.margin, entropy=self.entropy,
+            masked_before=self.masked_before, tokens_after=self.tokens_after, block=self.block,
+            commit_step=self.commit_step, remasked=np.array(self.remasked, dtype=np.int64).reshape(-1, 2),
+        )
+
+    @classmethod
+    def from_npz(cls, path) -> "Trace":
+        data = np.load(path)
+        fields_ = {k: data[k] for k in data.files}
+        fields_["remasked"] = [tuple(map(int, r)) for r in fields_["remasked"]]
+        return cls(**fields_)
+
+
+class TraceRecorder:
+    """Collects per-step rows for each sequence of a batch and builds `Trace`s at the end."""
+
+    def __init__(self, batch_size: int):
+        self.rows: list[list[dict]] = [[] for _ in range(batch_size)]
+        self.remasked: list[list[tuple[int, int]]] = [[] for _ in range(batch_size)]
+
+    def record(self, row: int, **arrays) -> None:
+        self.rows[row].append(arrays)
+
+    def build(self, row: int, commit_step: np.ndarray) -> Trace:
+        steps = self.rows[row]
+
+        def stack(key, dtype):
+            return np.stack([s[key] for s in steps]).astype(dtype)
+
+        return Trace(
+            top1=stack("top1", np.int64),
+            confidence=stack("confidence", np.float32),
+            margin=stack("margin", np.float32),
+            entropy=stack("entropy", np.float32),
+            masked_before=stack("masked_before", bool),
+            tokens_after=stack("tokens_after", np.int64),
+            block=np.array([s["block"] for s in steps], dtype=np.int64),
+            commit_step=commit_step.astype(np.int64),
+            remasked=list(self.remasked[row]),
+        )

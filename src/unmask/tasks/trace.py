@@ -1,0 +1,250 @@
+"""`trace`: follow a tiny program of assignments to the value it prints.
+
+    question: a = 3 ; b = a + 2 ; a = b - 1 ; print ( a )
+    response: a is 3 . b is 3 + 2 = 5 . a is 5 - 1 = 4 . so it prints 4 . the answer is 4 .
+
+Two to four statements over single-letter variables, constants 1..9, every value in 0..20. Each
+line of a trace copies a name's current value from earlier in the text, so the family has the
+long, exact token-to-token dependencies of code.
+
+As in `arith`, one program has many valid traces (see `draw_response`): several phrasings per
+line, optional connectives, an optional opening and closing sentence, statements that do not
+affect the printed variable traced or skipped, and statements that do not depend on one another
+traced in any order that respects the program's data dependencies (read after write, write after
+read, write after write), so the value a trace reads for a name is always the right one.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from unmask.errors import UnmaskError
+from unmask.tasks.base import Problem
+from unmask.tasks.generated import (
+    RESPONSE_SLACK,
+    GeneratedTask,
+    count_tokens,
+    join_words,
+    problem_id,
+    template_words,
+)
+
+MAX_QUESTION_TOKENS = 26  # four statements and the print, every constant one digit
+MAX_RESPONSE_TOKENS = 48  # every response drawn by sample_response (traces run longer than arith)
+
+MAX_VALUE = 20
+MAX_CONSTANT = 9
+VARIABLES = ("a", "b", "c", "d", "x", "y")
+OPS = ("+", "-")
+
+# -- question -----------------------------------------------------------------------------------
+SEPARATOR = ";"
+PRINT = "print ( {v} )"
+
+# -- response: {v} target, {u} {op} {w} as written, {x} {op} {y} the values, {z} the result ------
+ASSIGN_CONSTANT = ("{v} = {n} .", "{v} is {n} .", "set {v} to {n} .")
+ASSIGN_BINARY = (
+    "{v} = {x} {op} {y} = {z} .",
+    "{v} is {x} {op} {y} = {z} .",
+    "{v} = {u} {op} {w} = {x} {op} {y} = {z} .",
+    "set {v} to {x} {op} {y} = {z} .",
+    "{v} becomes {z} ( {x} {op} {y} ) .",
+)
+OPENING = ("", "we print {p} .", "we need {p} .")
+FIRST_CONNECTIVES = ("", "first")
+LATER_CONNECTIVES = ("", "then", "next", "now")
+CLOSING = ("", "so it prints {z} .", "so {p} is {z} .")
+ANSWER = "the answer is {z} ."
+
+
+@dataclass(frozen=True)
+class Statement:
+    """`target = left` or `target = left op right`; operands are variable names or digit strings."""
+
+    target: str
+    left: str
+    op: str | None = None
+    right: str | None = None
+
+    @property
+    def reads(self) -> set[str]:
+        return {name for name in (self.left, self.right) if name is not None and not name.isdigit()}
+
+    def text(self) -> str:
+        if self.op is None:
+            return f"{self.target} = {self.left}"
+        return f"{self.target} = {self.left} {self.op} {self.right}"
+
+
+def parse_program(question: str) -> tuple[list[Statement], str]:
+    """The statements and the printed variable of a trace question."""
+    *lines, last = [line.split() for line in question.split(SEPARATOR)]
+    if len(last) != 4 or last[0] != "print" or last[1] != "(" or last[3] != ")":
+        raise UnmaskError(f"trace question {question!r} does not end with 'print ( v )'; pass a question from the trace task")
+    statements = []
+    for words in lines:
+        if len(words) == 3 and words[1] == "=":
+            statements.append(Statement(words[0], words[2]))
+        elif len(words) == 5 and words[1] == "=" and words[3] in OPS:
+            statements.append(Statement(words[0], words[2], words[3], words[4]))
+        else:
+            raise UnmaskError(f"trace statement {' '.join(words)!r} is not 'v = n' or 'v = u op w'; pass a question from the trace task")
+    return statements, last[2]
+
+
+@dataclass(frozen=True)
+class _Line:
+    """One executed statement: the operand values it read and the value it wrote."""
+
+    index: int
+    statement: Statement
+    x: int
+    y: int | None
+    z: int
+
+
+def evaluate(statement: Statement, env: dict[str, int]) -> tuple[int, int | None, int]:
+    """The operand values a statement reads in `env` and the value it writes."""
+
+    def value(operand: str) -> int:
+        return int(operand) if operand.isdigit() else env[operand]
+
+    x = value(statement.left)
+    if statement.op is None:
+        return x, None, x
+    y = value(statement.right)
+    return x, y, x + y if statement.op == "+" else x - y
+
+
+def run_program(statements: list[Statement]) -> tuple[list[_Line], dict[str, int]]:
+    """Execute the statements; raises KeyError on a variable read before it is set."""
+    env: dict[str, int] = {}
+    lines = []
+    for index, statement in enumerate(statements):
+        x, y, z = evaluate(statement, env)
+        env[statement.target] = z
+        lines.append(_Line(index, statement, x, y, z))
+    return lines, env
+
+
+def relevant_lines(statements: list[Statement], printed: str) -> set[int]:
+    """Indices of the statements the printed value depends on (a backward slice)."""
+    needed, relevant = {printed}, set()
+    for index in range(len(statements) - 1, -1, -1):
+        statement = statements[index]
+        if statement.target in needed:
+            relevant.add(index)
+            needed.discard(statement.target)
+            needed |= statement.reads
+    return relevant
+
+
+def must_precede(first: Statement, second: Statement) -> bool:
+    """Whether `first` (earlier in the program) must be traced before `second`."""
+    return (
+        first.target in second.reads  # read after write
+        or second.target in first.reads  # write after read
+        or first.target == second.target  # write after write
+    )
+
+
+@dataclass
+class TraceTask(GeneratedTask):
+    """Generated program traces (see the module docstring); options: pool sizes and generator seed."""
+
+    name = "trace"
+    max_response_tokens = MAX_RESPONSE_TOKENS
+
+    # -- problems -------------------------------------------------------------------------------
+    def generate_problem(self, rng: random.Random) -> Problem | None:
+        env: dict[str, int] = {}  # in assignment order, so draws from it are reproducible
+        statements = []
+        for _ in range(rng.randint(2, 4)):
+            defined = list(env)
+            fresh = [v for v in VARIABLES if v not in env]
+            target = rng.choice(fresh) if (not env or rng.random() < 0.65) else rng.choice(defined)
+            kind = "constant" if not env else rng.choices(("constant", "var_const", "var_var"), weights=(2, 5, 3))[0]
+            statement = None
+            if kind == "var_var":
+                statement = self._var_var(rng, target, rng.choice(defined), rng.choice(defined), env)
+            if kind == "var_const" or (kind == "var_var" and statement is None):
+                statement = self._var_const(rng, target, rng.choice(defined), env)
+            if kind == "constant":
+                statement = Statement(target, str(rng.randint(1, MAX_CONSTANT)))
+            env[target] = evaluate(statement, env)[2]
+            statements.append(statement)
+        printed = statements[-1].target if rng.random() < 0.7 else rng.choice(sorted(env))
+        question = f" {SEPARATOR} ".join([s.text() for s in statements] + [PRINT.format(v=printed)])
+        if count_tokens(question) > MAX_QUESTION_TOKENS:
+            return None
+        problem = Problem(problem_id("trace", question), question, str(env[printed]), {"statements": len(statements)})
+        if count_tokens(self._shortest(statements, printed)) > MAX_RESPONSE_TOKENS - RESPONSE_SLACK:
+            return None
+        return problem
+
+    @staticmethod
+    def _var_const(rng: random.Random, target: str, left: str, env: dict[str, int]) -> Statement:
+        """`target = left op n`, with op and n drawn so that the result stays in 0..MAX_VALUE."""
+        x = env[left]
+        ops = [op for op, ok in (("+", x < MAX_VALUE), ("-", x > 0)) if ok]
+        op = rng.choice(ops)
+        top = min(MAX_CONSTANT, MAX_VALUE - x if op == "+" else x)
+        return Statement(target, left, op, str(rng.randint(1, top)))
+
+    @staticmethod
+    def _var_var(rng: random.Random, target: str, left: str, right: str, env: dict[str, int]) -> Statement | None:
+        """`target = left op right` if some op keeps the result in range, else None."""
+        x, y = env[left], env[right]
+        # "u - u" is always 0: too easy and, left in, the most common answer by far
+        ops = [op for op, ok in (("+", x + y <= MAX_VALUE), ("-", x >= y and left != right)) if ok]
+        return Statement(target, left, rng.choice(ops), right) if ops else None
+
+    # -- responses ------------------------------------------------------------------------------
+    def draw_response(self, problem: Problem, rng: random.Random) -> str:
+        statements, printed = parse_program(problem.question)
+        lines, env = run_program(statements)
+        relevant = relevant_lines(statements, printed)
+        # statements that cannot change the printed value are traced or skipped, each on a coin flip
+        included = [line for line in lines if line.index in relevant or rng.random() < 0.5]
+        parts = [rng.choice(OPENING).format(p=printed)]
+        pending = list(included)
+        while pending:
+            ready = [
+                line for line in pending
+                if not any(other.index < line.index and must_precede(other.statement, line.statement) for other in pending)
+            ]
+            line = rng.choice(ready)
+            pending.remove(line)
+            connective = rng.choice(LATER_CONNECTIVES if len(pending) < len(included) - 1 else FIRST_CONNECTIVES)
+            parts.append(join_words(connective, self._line_text(rng.choice, line)))
+        z = env[printed]
+        parts.append(rng.choice(CLOSING).format(z=z, p=printed))
+        parts.append(ANSWER.format(z=z))
+        return join_words(*parts)
+
+    def shortest_response(self, problem: Problem) -> str:
+        return self._shortest(*parse_program(problem.question))
+
+    def _shortest(self, statements: list[Statement], printed: str) -> str:
+        lines, env = run_program(statements)
+        relevant = relevant_lines(statements, printed)
+        parts = [self._line_text(lambda templates: templates[0], line) for line in lines if line.index in relevant]
+        parts.append(ANSWER.format(z=env[printed]))
+        return join_words(*parts)
+
+    @staticmethod
+    def _line_text(choose, line: _Line) -> str:
+        s = line.statement
+        if s.op is None:
+            return choose(ASSIGN_CONSTANT).format(v=s.target, n=line.z)
+        return choose(ASSIGN_BINARY).format(v=s.target, u=s.left, op=s.op, w=s.right, x=line.x, y=line.y, z=line.z)
+
+    # -- vocabulary -----------------------------------------------------------------------------
+    @classmethod
+    def vocabulary(cls) -> set[str]:
+        words = template_words(
+            SEPARATOR, PRINT, *ASSIGN_CONSTANT, *ASSIGN_BINARY, *OPENING,
+            *FIRST_CONNECTIVES, *LATER_CONNECTIVES, *CLOSING, ANSWER, *OPS,
+        )
+        return words | set(VARIABLES)

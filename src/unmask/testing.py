@@ -1,0 +1,317 @@
+"""Tiny random models and checkpoints in the real layouts, for tests and for trying things out.
+
+Nothing here downloads: the tokenizer is a word-level `tokenizers` model built in memory, the
+weights are random, and the checkpoint folders have exactly the names, shapes, sharding and config
+keys of the real LLaDA and Dream releases (only smaller).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from unmask.models.base import DecodeDefaults, DiffusionLM
+from unmask.models.llada import LLaDAConfig, LLaDANetwork
+from unmask.models.tokenizer import Tokenizer
+
+TINY_WORDS = (
+    "the a is of and to in it was he she they we you i what how many much answer so then now total "
+    "has have had gets gave buys sold left more less each apples pens books cats dogs plus minus times "
+    "print x y z = + - * ( ) . , ? ! : def return if else for while true false hello world tom ann sam"
+).split()
+
+# LLaDA-Instruct's chat format, in the same special tokens
+LLADA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+def tiny_tokenizer(
+    special: tuple[str, ...] = ("<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<unk>"),
+    chat_template: str | None = LLADA_CHAT_TEMPLATE,
+    bos: str | None = "<|startoftext|>",
+    eos: str = "<|endoftext|>",
+    words: tuple[str, ...] | list[str] = TINY_WORDS,
+) -> Tokenizer:
+    """A word-level tokenizer: special tokens first, then digits, roles and `words`."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for token in list(special) + [str(d) for d in range(10)] + ["user", "assistant", "system"] + list(words):
+        vocab.setdefault(token, len(vocab))
+    raw = RawTokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    raw.normalizer = normalizers.Lowercase()
+    raw.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.Punctuation()]
+    )
+    raw.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    raw.add_special_tokens(list(special))
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        bos_token=bos,
+        eos_token=eos,
+        unk_token="<unk>",
+        pad_token=eos,
+        mask_token="<|mdm_mask|>",
+    )
+    if chat_template:
+        hf.chat_template = chat_template
+    return Tokenizer(hf)
+
+
+def tiny_llada(
+    d_model: int = 32,
+    n_layers: int = 2,
+    n_heads: int = 4,
+    n_kv_heads: int | None = None,
+    seed: int = 0,
+    gen_length: int = 16,
+    block_length: int = 8,
+    tokenizer: Tokenizer | None = None,
+    extra_rows: int = 5,
+) -> DiffusionLM:
+    """A random LLaDA-layout model in memory (vocabulary padded by `extra_rows`, as LLaDA pads)."""
+    tokenizer = tokenizer or tiny_tokenizer()
+    hf = tokenizer.hf
+    vocab = len(hf)
+    cfg = LLaDAConfig(
+        d_model=d_model,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        n_layers=n_layers,
+        mlp_hidden_size=d_model * 3,
+        vocab_size=vocab + extra_rows,
+        embedding_size=vocab + extra_rows,
+        rope_theta=10000.0,
+        max_sequence_length=512,
+        mask_token_id=hf.convert_tokens_to_ids("<|mdm_mask|>"),
+        eos_token_id=hf.eos_token_id,
+        pad_token_id=hf.eos_token_id,
+    )
+    network = LLaDANetwork(cfg)
+    network.init_weights(std=0.5, seed=seed)
+    network.eval()
+    eot = tokenizer.token_id("<|eot_id|>")
+    stop = (cfg.eos_token_id,) + ((eot,) if eot is not None else ())
+    return DiffusionLM(
+        network=network,
+        tokenizer=tokenizer,
+        mask_id=cfg.mask_token_id,
+        eos_id=cfg.eos_token_id,
+        stop_ids=stop,
+        pad_id=cfg.pad_token_id,
+        name="tiny-llada",
+        defaults=DecodeDefaults(gen_length=gen_length, block_length=block_length),
+        supports_cache=True,
+        max_length=cfg.max_sequence_length,
+    )
+
+
+def write_tiny_llada(path: str | Path, max_shard_bytes: int | None = None, **kwargs) -> Path:
+    """Write a tiny random LLaDA checkpoint folder (sharded with an index if `max_shard_bytes`)."""
+    from unmask.models.loading import save_checkpoint
+
+    return save_checkpoint(tiny_llada(**kwargs), path, max_shard_bytes=max_shard_bytes)
+
+
+@torch.no_grad()
+def reference_llada_logits(network: LLaDANetwork, input_ids: torch.Tensor) -> torch.Tensor:
+    """A straightforward, loop-per-head LLaDA forward written independently of `layers.py`.
+
+    Used by tests to check the native forward on the same weights; deliberately slow and literal.
+    """
+    cfg = network.config
+    t = network.model.transformer
+    head_dim = cfg.d_model // cfg.n_heads
+    seq = input_ids.shape[1]
+    x = t.wte.weight[input_ids].double()
+
+    def rms(v, w):
+        return w.double() * v / torch.sqrt((v * v).mean(-1, keepdim=True) + cfg.rms_norm_eps)
+
+    pos = torch.arange(seq, dtype=torch.float64)
+    inv = torch.tensor([cfg.rope_theta ** (-(2 * i) / head_dim) for i in range(head_dim // 2)], dtype=torch.float64)
+    ang = pos[:, None] * inv[None, :]  # (seq, head_dim/2)
+
+    def rope(v):  # v: (seq, head_dim); pairs are (i, i + head_dim/2)
+        a, b = v[:, : head_dim // 2], v[:, head_dim // 2 :]
+        return torch.cat([a * ang.cos() - b * ang.sin(), b * ang.cos() + a * ang.sin()], dim=-1)
+
+    group = cfg.n_heads // cfg.kv_heads
+    for blk in t.blocks:
+        h = rms(x, blk.attn_norm.weight)
+        q = h @ blk.q_proj.weight.double().T
+        k = h @ blk.k_proj.weight.double().T
+        v = h @ blk.v_proj.weight.double().T
+        heads = []
+        for b in range(x.shape[0]):
+            outs = []
+            for hd in range(cfg.n_heads):
+                kv = hd // group
+                qh = rope(q[b, :, hd * head_dim : (hd + 1) * head_dim])
+                kh = rope(k[b, :, kv * head_dim : (kv + 1) * head_dim])
+                vh = v[b, :, kv * head_dim : (kv + 1) * head_dim]
+                w = torch.softmax(qh @ kh.T / head_dim**0.5, dim=-1)
+                outs.append(w @ vh)
+            heads.append(torch.cat(outs, dim=-1))
+        att = torch.stack(heads)
+        x = x + att @ blk.attn_out.weight.double().T
+        h = rms(x, blk.ff_norm.weight)
+        gate = h @ blk.ff_proj.weight.double().T
+        x = x + ((gate * torch.sigmoid(gate)) * (h @ blk.up_proj.weight.double().T)) @ blk.ff_out.weight.double().T
+    x = rms(x, t.ln_f.weight)
+    head = t.wte.weight if cfg.weight_tying else t.ff_out.weight
+    return x @ head.double().T
+
+
+# ---------------------------------------------------------------------------------------------
+# Dream
+
+# Dream-Instruct's chat format (Qwen2 ChatML, with Qwen's default system turn), in the same tokens
+DREAM_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+DREAM_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>", "<unk>")
+
+
+def tiny_dream_tokenizer() -> Tokenizer:
+    """The tiny word-level tokenizer with Dream's special tokens, ChatML template and `<|mask|>`."""
+    tokenizer = tiny_tokenizer(
+        special=DREAM_SPECIAL,
+        chat_template=DREAM_CHAT_TEMPLATE,
+        bos=None,
+        eos="<|endoftext|>",
+        words=tuple(TINY_WORDS) + ("are", "helpful"),
+    )
+    # tiny_tokenizer names LLaDA's mask token; Dream's is <|mask|> (LLaDA's stays in the vocab, unused)
+    tokenizer.hf.mask_token = "<|mask|>"
+    return tokenizer
+
+
+def tiny_dream(
+    hidden_size: int = 32,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int | None = 2,
+    tie_word_embeddings: bool = False,
+    seed: int = 0,
+    gen_length: int = 16,
+    block_length: int = 8,
+    tokenizer: Tokenizer | None = None,
+    extra_rows: int = 5,
+) -> DiffusionLM:
+    """A random Dream-layout model in memory (GQA and a padded vocabulary by default, as Dream-7B)."""
+    from unmask.models.dream import DreamConfig, DreamNetwork
+
+    tokenizer = tokenizer or tiny_dream_tokenizer()
+    hf = tokenizer.hf
+    eos = hf.convert_tokens_to_ids("<|endoftext|>")
+    cfg = DreamConfig(
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 3,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads or num_attention_heads,
+        vocab_size=len(hf) + extra_rows,
+        rope_theta=10000.0,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie_word_embeddings,
+        mask_token_id=hf.convert_tokens_to_ids("<|mask|>"),
+        pad_token_id=eos,
+        bos_token_id=eos,
+        eos_token_id=eos,
+    )
+    network = DreamNetwork(cfg)
+    network.init_weights(std=0.5, seed=seed)
+    network.eval()
+    im_end = tokenizer.token_id("<|im_end|>")
+    stop = (eos,) + ((im_end,) if im_end is not None else ())
+    return DiffusionLM(
+        network=network,
+        tokenizer=tokenizer,
+        mask_id=cfg.mask_token_id,
+        eos_id=eos,
+        stop_ids=stop,
+        pad_id=eos,
+        name="tiny-dream",
+        shifted=True,
+        defaults=DecodeDefaults(gen_length=gen_length, block_length=block_length),
+        supports_cache=True,
+        max_length=cfg.max_position_embeddings,
+        kind="dream",
+    )
+
+
+def write_tiny_dream(path: str | Path, max_shard_bytes: int | None = None, **kwargs) -> Path:
+    """Write a tiny random Dream checkpoint folder (sharded with an index if `max_shard_bytes`)."""
+    from unmask.models.loading import save_checkpoint
+
+    return save_checkpoint(tiny_dream(**kwargs), path, max_shard_bytes=max_shard_bytes)
+
+
+@torch.no_grad()
+def reference_dream_logits(network, input_ids: torch.Tensor) -> torch.Tensor:
+    """A literal float64 Dream forward, one head at a time, written independently of `layers.py`.
+
+    Returns the network's raw (shifted) logits, (batch, seq, vocab): row i scores token i+1.
+    Positions are 0..seq-1 (no padding). Deliberately slow; tests compare the native forward to it.
+    """
+    cfg = network.config
+    m = network.model
+    n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
+    head_dim = cfg.hidden_size // n_heads
+    half = head_dim // 2
+    batch, seq = input_ids.shape
+
+    def w(t):
+        return t.detach().double()
+
+    def rms(v, weight):
+        return w(weight) * (v / torch.sqrt((v * v).mean(-1, keepdim=True) + cfg.rms_norm_eps))
+
+    def linear(v, layer):
+        out = v @ w(layer.weight).T
+        return out + w(layer.bias) if layer.bias is not None else out
+
+    angle = torch.tensor(
+        [[p / cfg.rope_theta ** (2 * i / head_dim) for i in range(half)] for p in range(seq)], dtype=torch.float64
+    )  # (seq, head_dim/2)
+    cos, sin = angle.cos(), angle.sin()
+
+    def rotate(v):  # (seq, head_dim): Qwen2 pairs dimension i with i + head_dim/2
+        lo, hi = v[:, :half], v[:, half:]
+        return torch.cat([lo * cos - hi * sin, hi * cos + lo * sin], dim=-1)
+
+    x = w(m.embed_tokens.weight)[input_ids]  # (batch, seq, hidden)
+    for layer in m.layers:
+        att = layer.self_attn
+        h = rms(x, layer.input_layernorm.weight)
+        q, k, v = linear(h, att.q_proj), linear(h, att.k_proj), linear(h, att.v_proj)
+        rows = []
+        for b in range(batch):
+            per_head = []
+            for hd in range(n_heads):
+                kv = hd * n_kv // n_heads  # heads share KV heads in consecutive groups
+                qh = rotate(q[b, :, hd * head_dim : (hd + 1) * head_dim])
+                kh = rotate(k[b, :, kv * head_dim : (kv + 1) * head_dim])
+                vh = v[b, :, kv * head_dim : (kv + 1) * head_dim]
+                scores = qh @ kh.T / head_dim**0.5  # bidirectional: no causal mask
+                probs = scores.exp() / scores.exp().sum(-1, keepdim=True)
+                per_head.append(probs @ vh)
+            rows.append(torch.cat(per_head, dim=-1))
+        x = x + linear(torch.stack(rows), att.o_proj)
+        h = rms(x, layer.post_attention_layernorm.weight)
+        gate = linear(h, layer.mlp.gate_proj)
+        x = x + linear(gate / (1 + torch.exp(-gate)) * linear(h, layer.mlp.up_proj), layer.mlp.down_proj)
+    x = rms(x, m.norm.weight)
+    head = m.embed_tokens.weight if cfg.tie_word_embeddings else network.lm_head.weight
+    return x @ w(head).T
