@@ -1,0 +1,210 @@
+"""`unmask bench`: every strategy on the same problems, accuracy against model calls and seconds.
+
+Results follow DESIGN.md's contract (`results.json`, `results.md`, `pareto.png`). Each finished
+problem is appended to `problems.jsonl` in the output folder as soon as its batch is decoded, so an
+interrupted run resumes where it stopped: finished (strategy, problem) pairs are never recomputed
+or counted twice, and `results.json` is rebuilt from them.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from unmask.bench.stats import wilson_interval
+from unmask.decoding import DecodeConfig, generate, parse_strategy
+from unmask.errors import UnmaskError
+
+DEFAULT_STRATEGIES = ("low_confidence", "random", "margin", "entropy", "threshold", "factor", "one_shot", "oracle")
+
+
+@dataclass
+class BenchConfig:
+    """What to run. Strategy strings are `NAME` or `NAME:key=value,...`."""
+
+    model: str | None = None
+    task: str = "arith"
+    split: str = "test"
+    strategies: list[str] = field(default_factory=lambda: list(DEFAULT_STRATEGIES))
+    limit: int | None = 200
+    seed: int = 0
+    gen_length: int | None = None
+    block_length: int | None = None
+    batch_size: int = 16
+    out: str = "runs/bench"
+    device: str | None = None
+    dtype: str | None = None
+    cache: str = "none"
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        if self.limit is not None and self.limit <= 0:
+            raise UnmaskError(f"--limit must be a positive integer, got {self.limit}", field="limit")
+        if self.batch_size <= 0:
+            raise UnmaskError(f"--batch-size must be a positive integer, got {self.batch_size}", field="batch_size")
+        if not self.strategies:
+            raise UnmaskError("no strategy given; pass --strategy NAME at least once", field="strategy")
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"{device.type} ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def strategy_key(name: str, params: dict[str, Any]) -> str:
+    return name + ":" + ",".join(f"{k}={params[k]}" for k in sorted(params))
+
+
+class ProblemLog:
+    """Append-only per-problem results (`problems.jsonl`): the resume point of a bench run."""
+
+    def __init__(self, path: Path, header: dict[str, Any]):
+        self.path = path
+        self.header = header
+        self.done: dict[str, dict[str, dict]] = {}
+        if path.exists():
+            lines = path.read_text().splitlines()
+            first = json.loads(lines[0]) if lines else None
+            if first and first.get("header") != header:
+                raise UnmaskError(
+                    f"{path.parent} holds results of a different run ({_diff(first.get('header', {}), header)}); "
+                    "pass a new --out folder or delete that one",
+                    field="out",
+                )
+            for line in lines[1:]:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by an interruption: that problem is simply redone
+                self.done.setdefault(rec["key"], {})[rec["problem_id"]] = rec
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"header": header}) + "\n")
+
+    def add(self, records: list[dict]) -> None:
+        with self.path.open("a") as fh:
+            for rec in records:
+                fh.write(json.dumps(rec) + "\n")
+                self.done.setdefault(rec["key"], {})[rec["problem_id"]] = rec
+
+
+def _diff(old: dict, new: dict) -> str:
+    keys = [k for k in new if old.get(k) != new.get(k)]
+    return ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in keys) or "different settings"
+
+
+def summarize(name: str, params: dict, records: list[dict]) -> dict[str, Any]:
+    """One results.json row: averages per problem, accuracy with its 95% interval."""
+    n = len(records)
+    correct = sum(r["score"] for r in records)
+    wall = sum(r["batch_share_s"] for r in records)
+    useful = sum(r["useful_tokens"] for r in records)
+
+    def mean(key):
+        return sum(r[key] for r in records) / n if n else 0.0
+
+    lo, hi = wilson_interval(correct, n)
+    return {
+        "strategy": name,
+        "params": params,
+        "n": n,
+        "accuracy": correct / n if n else 0.0,
+        "accuracy_ci": [lo, hi],
+        "nfe": mean("nfe"),
+        "rows": mean("rows"),
+        "tpf": sum(r["decided"] for r in records) / max(sum(r["nfe"] for r in records), 1),
+        "tokens_per_row": useful / max(sum(r["rows"] for r in records), 1),
+        "useful_tokens": mean("useful_tokens"),
+        "tokens_per_s": useful / wall if wall > 0 else 0.0,
+        "latency_s": mean("latency_s"),
+    }
+
+
+def run_bench(cfg: BenchConfig, progress: bool = True, on_row: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Run every strategy of `cfg` on the same problems; write and return results.json's content."""
+    from unmask.models import load_model
+    from unmask.tasks import get_task
+
+    cfg.validate()
+    policies = [parse_strategy(s) for s in cfg.strategies]  # validate every strategy before any work
+    task = get_task(cfg.task)
+    problems = task.problems(cfg.split, limit=cfg.limit, seed=cfg.seed)
+    if not problems:
+        raise UnmaskError(f"task {cfg.task} has no problems in split {cfg.split}")
+    model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    decode = DecodeConfig(gen_length=cfg.gen_length, block_length=cfg.block_length, cache=cfg.cache).resolved(model.defaults)
+    gen_length, block_length = decode.gen_length, decode.block_length
+    out = Path(cfg.out)
+    header = {
+        "model": model.name, "task": cfg.task, "split": cfg.split, "limit": cfg.limit, "seed": cfg.seed,
+        "gen_length": gen_length, "block_length": block_length, "cache": cfg.cache,
+    }
+    log = ProblemLog(out / "problems.jsonl", header)
+    rows = []
+    for policy in policies:
+        key = strategy_key(policy.name, policy.params)
+        done = log.done.get(key, {})
+        todo = [p for p in problems if p.id not in done]
+        bar = _progress(policy.describe(), len(problems), len(problems) - len(todo), progress)
+        correct = sum(done[p.id]["score"] for p in problems if p.id in done)
+        finished = len(problems) - len(todo)
+        for start in range(0, len(todo), cfg.batch_size):
+            chunk = todo[start : start + cfg.batch_size]
+            result = generate(
+                model, [task.messages(p) for p in chunk], policy,
+                gen_length=gen_length, block_length=block_length, seed=cfg.seed, cache=cfg.cache,
+            )
+            share = result.wall_s / len(chunk)
+            records = []
+            for problem, seq in zip(chunk, result.sequences):
+                score = float(task.score(problem, seq.text))
+                correct += score
+                records.append({
+                    "key": key, "problem_id": problem.id, "score": score, "nfe": seq.nfe, "rows": seq.rows,
+                    "decided": seq.decided, "useful_tokens": seq.useful_tokens, "latency_s": seq.latency_s,
+                    "batch_share_s": share, "text": seq.text,
+                })
+            log.add(records)
+            finished += len(chunk)
+            if bar is not None:
+                bar.update(len(chunk))
+                bar.set_postfix(acc=f"{correct / finished:.3f}")
+        if bar is not None:
+            bar.close()
+        row = summarize(policy.name, policy.params, [log.done[key][p.id] for p in problems])
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    results = {
+        "model": model.name, "task": cfg.task, "split": cfg.split, "device": device_description(model.device),
+        "limit": cfg.limit, "seed": cfg.seed, "gen_length": gen_length, "block_length": block_length,
+        "batch_size": cfg.batch_size, "cache": cfg.cache, "rows": rows,
+    }
+    write_results(results, out)
+    return results
+
+
+def write_results(results: dict, out: Path) -> None:
+    from unmask.bench.report import write_markdown, write_pareto
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_markdown(results, out / "results.md")
+    write_pareto(results, out / "pareto.png")
+
+
+def _progress(desc: str, total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc[:48], unit="problem", leave=True, dynamic_ncols=True)
+
+
+__all__ = ["BenchConfig", "run_bench", "summarize", "write_results", "asdict"]

@@ -1,0 +1,148 @@
+"""The `unmask` command line: strategies, generate, bench, train.
+
+Every user error ends in one line on stderr and exit code 2 (DESIGN.md), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from unmask.errors import UnmaskError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with DESIGN.md's error contract: one line on stderr, exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        sys.exit(2)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the built-in model)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own Python code to run")
+
+
+def _decode_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gen-length", type=int, default=None, help="generation length (default: the model's)")
+    p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block length (default: the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", default="none", choices=("none", "prefix", "dual"), help="KV cache mode")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="unmask", description="Fast decoding for masked diffusion language models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("strategies", help="list every decoding strategy with its parameters and defaults")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = sub.add_parser("generate", help="decode one prompt and print the text and its cost")
+    p.add_argument("prompt", help="the prompt (the chat template is applied when the model has one)")
+    _model_args(p)
+    p.add_argument("--strategy", default="low_confidence", help="NAME or NAME:key=value,... (see `unmask strategies`)")
+    _decode_args(p)
+    p.add_argument("--no-chat", action="store_true", help="feed the prompt raw, without the chat template")
+
+    p = sub.add_parser("bench", help="run strategies on the same problems: accuracy, NFE, TPF, seconds")
+    _model_args(p)
+    p.add_argument("--task", default="arith", help="arith, trace, gsm8k or humaneval (options as task:key=value)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--strategy", action="append", dest="strategies", default=None,
+                   help="repeat for each strategy (default: every registered policy at its defaults)")
+    p.add_argument("--limit", type=int, default=200, help="number of problems (default 200)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", default="runs/bench", help="output folder for results.json, results.md, pareto.png")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _decode_args(p)
+
+    from unmask.training.cli import add_train_parser
+
+    add_train_parser(sub)
+    return parser
+
+
+def cmd_strategies(args) -> int:
+    import json
+
+    from unmask.decoding import describe_policies
+
+    policies = describe_policies()
+    if args.json:
+        print(json.dumps(policies, indent=2, default=str))
+        return 0
+    for pol in policies:
+        params = ", ".join(f"{p['name']}={p['default']}" for p in pol["params"])
+        print(f"{pol['name']:<16} {pol['summary']}")
+        print(f"{'':<16} parameters: {params}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from unmask.decoding import generate, parse_strategy
+    from unmask.models import load_model
+
+    policy = parse_strategy(args.strategy)  # a bad strategy fails before the model loads
+    model = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    result = generate(
+        model, [args.prompt], policy, chat=not args.no_chat,
+        gen_length=args.gen_length, block_length=args.block_length, seed=args.seed, cache=args.cache,
+    )
+    seq = result.sequences[0]
+    print(seq.text)
+    tps = seq.useful_tokens / result.wall_s if result.wall_s > 0 else 0.0
+    print(
+        f"[{policy.name}] NFE {seq.nfe} | TPF {seq.tpf:.2f} | {seq.useful_tokens} tokens | "
+        f"{tps:.1f} tokens/s | {result.wall_s:.3f} s",
+        file=sys.stdout,
+    )
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from pathlib import Path
+
+    from unmask.bench import BenchConfig, run_bench
+    from unmask.bench.runner import DEFAULT_STRATEGIES
+
+    cfg = BenchConfig(
+        model=args.model, task=args.task, split=args.split,
+        strategies=args.strategies or list(DEFAULT_STRATEGIES), limit=args.limit, seed=args.seed,
+        gen_length=args.gen_length, block_length=args.block_length, batch_size=args.batch_size, out=args.out,
+        device=args.device, dtype=args.dtype, cache=args.cache, trust_remote_code=args.trust_remote_code,
+    )
+    run_bench(cfg, progress=not args.quiet)
+    out = Path(args.out)
+    print((out / "results.md").read_text())
+    print(f"results: {out / 'results.json'}   table: {out / 'results.md'}   plot: {out / 'pareto.png'}")
+    return 0
+
+
+COMMANDS = {"strategies": cmd_strategies, "generate": cmd_generate, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "train":
+            from unmask.training.cli import run_train
+
+            return run_train(args)
+        return COMMANDS[args.command](args)
+    except UnmaskError as exc:
+        sys.stderr.write(f"unmask: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("unmask: interrupted; finished work is saved where the command saves it\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from unmask.cli import main
+
+EIGHT = {"low_confidence", "random", "margin", "entropy", "threshold", "factor", "one_shot", "oracle"}
+
+
+def test_strategies_lists_the_eight_baselines_with_parameters(capsys):
+    assert main(["strategies"]) == 0
+    out = capsys.readouterr().out
+    for name in EIGHT:
+        assert name in out
+    assert "tau=0.9" in out and "factor=1.0" in out and "steps=None" in out
+    assert main(["strategies", "--json"]) == 0
+    listed = {p["name"]: p for p in json.loads(capsys.readouterr().out)}
+    assert EIGHT <= set(listed)
+    assert {"name": "tau", "type": "float", "default": 0.9} in listed["threshold"]["params"]
+
+
+def test_generate_prints_text_then_one_summary_line(tiny_checkpoint, capsys):
+    code = main(["generate", "what is 3 plus 4 ?", "--model", tiny_checkpoint, "--strategy", "threshold:tau=0.5",
+                 "--gen-length", "16", "--block-length", "8"])
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    summary = lines[-1]
+    assert summary.startswith("[threshold] NFE ") and "TPF" in summary and "tokens/s" in summary
+    nfe = int(summary.split("NFE ")[1].split()[0])
+    tpf = float(summary.split("TPF ")[1].split()[0])
+    assert 1 <= nfe <= 16 and tpf == pytest.approx(16 / nfe, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["generate", "hi", "--strategy", "nope"], "unknown strategy 'nope'"),
+        (["generate", "hi", "--strategy", "threshold:tau=abc"], "tau must be float"),
+        (["generate", "hi", "--strategy", "threshold:bogus=1"], "no parameter 'bogus'"),
+        (["generate", "hi", "--gen-length", "16", "--block-length", "5"], "does not divide"),
+        (["generate", "hi", "--model", "/nonexistent/ckpt"], "no checkpoint folder"),
+        (["bench", "--task", "nope"], "unknown task"),
+        (["generate"], "required"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_input_is_one_line_on_stderr_and_exit_2(tiny_checkpoint, capsys, argv, needle):
+    if "--model" not in argv and argv[0] in ("generate", "bench"):
+        argv = argv + ["--model", tiny_checkpoint]
+    with pytest.raises(SystemExit) as exc:
+        sys.exit(main(argv))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert needle in err
+    assert "Traceback" not in err
+
+
+def test_console_script_exit_code_and_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "unmask", "generate", "hi", "--model", str(tmp_path / "missing")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("unmask: error:") and "Traceback" not in proc.stderr
+
+
+def test_bench_cli_writes_results_and_says_where(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["bench", "--model", tiny_checkpoint, "--limit", "3", "--strategy", "one_shot", "--strategy", "threshold",
+                 "--out", str(out), "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| ★ |" in printed or "★" in printed
+    assert str(out / "pareto.png") in printed
+    data = json.loads((out / "results.json").read_text())
+    assert [r["strategy"] for r in data["rows"]] == ["one_shot", "threshold"]
