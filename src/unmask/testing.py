@@ -315,3 +315,53 @@ def reference_dream_logits(network, input_ids: torch.Tensor) -> torch.Tensor:
     x = rms(x, m.norm.weight)
     head = m.embed_tokens.weight if cfg.tie_word_embeddings else network.lm_head.weight
     return x @ w(head).T
+
+
+class ScriptedNetwork(torch.nn.Module):
+    """A network whose logits a test writes: `rule(tokens, gen_start) -> (probs over vocab)` per row.
+
+    `rule` gets one row's token ids (1-D) and the index where the generation region starts, and
+    returns a (seq, vocab) tensor of probabilities; logits are their logs. Every call is recorded
+    in `calls` as the batch size, so tests can check model calls and rows.
+    """
+
+    def __init__(self, rule, vocab_size: int, gen_length: int):
+        super().__init__()
+        self.rule = rule
+        self.vocab_size = vocab_size
+        self.gen_length = gen_length
+        self.calls: list[int] = []
+        self._anchor = torch.nn.Parameter(torch.zeros(1))  # gives the module a device and dtype
+
+    def forward(self, input_ids, position_ids, key_mask=None, cache=None):
+        self.calls.append(int(input_ids.shape[0]))
+        gen_start = input_ids.shape[1] - self.gen_length
+        probs = torch.stack([self.rule(row, gen_start) for row in input_ids])
+        return probs.clamp(min=1e-12).log()
+
+
+def scripted_model(rule, gen_length: int, block_length: int, tokenizer: Tokenizer | None = None) -> DiffusionLM:
+    """A `DiffusionLM` around a `ScriptedNetwork` with the tiny LLaDA tokenizer's special ids."""
+    tokenizer = tokenizer or tiny_tokenizer()
+    hf = tokenizer.hf
+    network = ScriptedNetwork(rule, len(hf), gen_length)
+    return DiffusionLM(
+        network=network,
+        tokenizer=tokenizer,
+        mask_id=hf.convert_tokens_to_ids("<|mdm_mask|>"),
+        eos_id=hf.eos_token_id,
+        stop_ids=(hf.eos_token_id,),
+        pad_id=hf.eos_token_id,
+        name="scripted",
+        defaults=DecodeDefaults(gen_length=gen_length, block_length=block_length),
+        max_length=512,
+    )
+
+
+def peaked(targets, confidences, vocab_size: int) -> torch.Tensor:
+    """(len, vocab) probabilities with `confidences[i]` on `targets[i]` and the rest spread evenly."""
+    n = len(targets)
+    conf = torch.as_tensor(confidences, dtype=torch.float32).reshape(n, 1)
+    probs = ((1.0 - conf) / (vocab_size - 1)).expand(n, vocab_size).clone()
+    probs[torch.arange(n), torch.as_tensor(targets)] = conf.squeeze(1)
+    return probs

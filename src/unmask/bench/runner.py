@@ -123,7 +123,22 @@ def summarize(name: str, params: dict, records: list[dict]) -> dict[str, Any]:
         "useful_tokens": mean("useful_tokens"),
         "tokens_per_s": useful / wall if wall > 0 else 0.0,
         "latency_s": mean("latency_s"),
+        "redundancy": redundancy(records),
     }
+
+
+# R_total weights: one redundant step and one spatial event each cost one count (R²-dLLM gives no
+# formula for its score; equal weights keep it a plain count of avoidable work)
+SPATIAL_EVENTS = ("cluster_collapses", "ambiguity_merges")
+
+
+def redundancy(records: list[dict]) -> dict[str, float]:
+    """Average redundancy counts per problem: temporal steps, spatial events and their sum R_total."""
+    n = max(len(records), 1)
+    keys = sorted({k for r in records for k in r.get("events", {})})
+    out = {k: sum(r.get("events", {}).get(k, 0.0) for r in records) / n for k in keys}
+    out["r_total"] = out.get("temporal_redundant_steps", 0.0) + sum(out.get(k, 0.0) for k in SPATIAL_EVENTS)
+    return out
 
 
 def run_bench(cfg: BenchConfig, progress: bool = True, on_row: Callable[[dict], None] | None = None) -> dict[str, Any]:
@@ -168,7 +183,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True, on_row: Callable[[dict], 
                 records.append({
                     "key": key, "problem_id": problem.id, "score": score, "nfe": seq.nfe, "rows": seq.rows,
                     "decided": seq.decided, "useful_tokens": seq.useful_tokens, "latency_s": seq.latency_s,
-                    "batch_share_s": share, "text": seq.text,
+                    "batch_share_s": share, "text": seq.text, "events": seq.events,
                 })
             log.add(records)
             finished += len(chunk)

@@ -43,6 +43,10 @@ class SequenceResult:
     latency_s: float  # from the start of the decode until this sequence finished
     stopped_early: bool
     trace: Trace | None = None
+    # policy events summed over steps, plus `temporal_redundant_steps`: (step, position) pairs of
+    # the current block where the position stayed masked after the step although its top-1 already
+    # equalled the final token (R²-dLLM's temporal redundancy, counted for every policy)
+    events: dict[str, float] = field(default_factory=dict)
 
     @property
     def useful_tokens(self) -> int:
@@ -158,19 +162,30 @@ class Decoder:
         commit_step = torch.full((batch, gen), -1, dtype=torch.long, device=device)
         generators = [torch.Generator().manual_seed(int(cfg.seed)) for _ in range(batch)]
         recorder = TraceRecorder(batch) if cfg.record_trace else None
+        events: list[dict[str, float]] = [{} for _ in range(batch)]
+        history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (rows, top1, still masked)
         max_steps = cfg.max_steps_per_block or 4 * block_len
         state = policy.init_state(batch, gen, device)
         offsets = torch.arange(block_len, device=device)
+        # logits a verification call already computed for a row's current canvas (PSD): the next
+        # step uses them instead of calling the model again
+        pending: dict[int, torch.Tensor] = {}
+        self._counters = (nfe, rows_count)
         step = 0
         start = time.perf_counter()
 
         while bool(active.any()):
             idx = active.nonzero().squeeze(1)
             b = idx.shape[0]
-            logits = model.logits(canvas[idx], attention[idx], positions[idx])[:, prompt_len:].float()  # (b, gen, V)
-            logits[..., model.mask_id] = float("-inf")  # the mask token is never a prediction
-            nfe[idx.cpu()] += 1
-            rows_count[idx.cpu()] += 1
+            if not pending:
+                logits = self._forward(idx, canvas[idx], attention[idx], positions[idx], prompt_len)  # (b, gen, V)
+            else:
+                fresh = [row for row in idx.tolist() if row not in pending]
+                computed = iter(())
+                if fresh:
+                    f = torch.tensor(fresh, device=device)
+                    computed = iter(self._forward(f, canvas[f], attention[f], positions[f], prompt_len))
+                logits = torch.stack([pending.pop(row) if row in pending else next(computed) for row in idx.tolist()])
 
             block_pos = (block_idx[idx] * block_len)[:, None] + offsets  # (b, block)
             arange_b = torch.arange(b, device=device)[:, None]
@@ -232,10 +247,24 @@ class Decoder:
             over = (block_step[idx] + 1 >= max_steps)[:, None] & (new_blk == model.mask_id)
             new_blk = torch.where(over, candidate, new_blk)
             commit = commit | over
+            if decision.drafts is not None and not policy.remasking:
+                new_blk, accepted_logits, depth_events = self._verify(
+                    view, state, decision.drafts, new_blk, idx, block_pos, canvas, attention, positions, prompt_len
+                )
+                commit = commit | (masked & (new_blk != model.mask_id))
+                pending.update(accepted_logits)
+                decision.events = {**(decision.events or {}), **depth_events}
 
             rows_gen = gen_view[idx]
             rows_gen[arange_b, block_pos] = new_blk
             gen_view[idx] = rows_gen
+            in_block = torch.zeros_like(rows_gen, dtype=torch.bool)
+            in_block[arange_b, block_pos] = True  # only positions the policy could have committed count
+            history.append((idx, gen_top1, (rows_gen == model.mask_id) & in_block))
+            if decision.events:
+                for name, counts in decision.events.items():
+                    for j, row in enumerate(idx.tolist()):
+                        events[row][name] = events[row].get(name, 0.0) + float(counts[j])
             cs = commit_step[idx]
             cs[arange_b, block_pos] = torch.where(commit, torch.full_like(block_pos, step), cs[arange_b, block_pos])
             if remask is not None:
@@ -284,6 +313,7 @@ class Decoder:
         sequences = []
         stop_set = set(model.stop_ids)
         cs_np = commit_step.cpu().numpy()
+        redundant = self._temporal_redundancy(history, gen_view, batch)
         for row in range(batch):
             tokens = gen_view[row].tolist()
             cut = next((i for i, t in enumerate(tokens) if t in stop_set), len(tokens))
@@ -300,9 +330,74 @@ class Decoder:
                     latency_s=float(finish_s[row]),
                     stopped_early=bool(stopped_early[row]),
                     trace=recorder.build(row, cs_np[row]) if recorder is not None else None,
+                    events={**events[row], "temporal_redundant_steps": float(redundant[row])},
                 )
             )
         return DecodeResult(sequences=sequences, wall_s=wall, strategy=policy.name, params=policy.params, config=cfg)
+
+    def _forward(self, rows, tokens, attention, positions, prompt_len: int, rows_per_seq=1) -> torch.Tensor:
+        """The one place a decode calls the model: logits of the generation region, float32.
+
+        `tokens` may hold several canvases per sequence of `rows` (PSD's drafts, `rows_per_seq` an
+        int or a per-sequence tensor); the call is one NFE for each sequence and its canvases are
+        its rows.
+        """
+        nfe, rows_count = self._counters
+        logits = self.model.logits(tokens, attention, positions)[:, prompt_len:].float()
+        logits[..., self.model.mask_id] = float("-inf")  # the mask token is never a prediction
+        nfe[rows.cpu()] += 1
+        rows_count[rows.cpu()] += rows_per_seq
+        return logits
+
+    def _verify(self, view, state, drafts, committed_blk, idx, block_pos, canvas, attention, positions, prompt_len):
+        """Score the committed block and its drafts in one batched call; keep the depth the policy accepts.
+
+        drafts: (b, K, block) block contents at depths 1..K. Only the levels a sequence really built
+        (a level adds at least one token) are forwarded and counted as its rows; a sequence with no
+        draft takes no part in the call. Returns the accepted block tokens, a dict row -> logits of
+        the accepted canvas (the next step's forward) and per-sequence events.
+        """
+        b, depth_max, _ = drafts.shape
+        device = drafts.device
+        candidates = torch.cat([committed_blk[:, None], drafts], dim=1)  # (b, K+1, block)
+        built = (candidates[:, 1:] != candidates[:, :-1]).any(-1).sum(-1)  # (b,) levels with new tokens
+        verified = (built > 0).nonzero().squeeze(1)
+        if verified.numel() == 0:
+            # nothing to verify; the policy still hears "depth 0" for every sequence, as in a batch
+            _, events = self.policy.accept(view, state, candidates, candidates.clone())
+            return committed_blk, {}, events
+        # one canvas per (sequence, level 0..built)
+        owner = torch.repeat_interleave(verified, built[verified] + 1)
+        level = torch.cat([torch.arange(int(built[j]) + 1, device=device) for j in verified.tolist()])
+        tokens = canvas[idx[owner]].clone()
+        gen_part = tokens[:, prompt_len:]
+        gen_part[torch.arange(owner.shape[0], device=device)[:, None], block_pos[owner]] = candidates[owner, level]
+        tokens[:, prompt_len:] = gen_part
+        rows = idx[verified]
+        logits = self._forward(rows, tokens, attention[idx[owner]], positions[idx[owner]], prompt_len,
+                               rows_per_seq=(built[verified] + 1).cpu())
+        # per sequence, the top-1 on each level's canvas (levels it did not build repeat its last)
+        draft_top1 = candidates.clone()
+        top1_rows = logits.argmax(-1)[torch.arange(owner.shape[0], device=device)[:, None], block_pos[owner]]
+        for k in range(depth_max + 1):
+            pick = torch.minimum(torch.full_like(built[verified], k), built[verified])
+            starts = torch.cumsum(built[verified] + 1, 0) - (built[verified] + 1)
+            draft_top1[verified, k] = top1_rows[starts + pick]
+        depth, events = self.policy.accept(view, state, candidates, draft_top1)
+        depth = torch.minimum(depth, built)
+        accepted = candidates[torch.arange(b, device=device), depth]
+        starts = torch.cumsum(built[verified] + 1, 0) - (built[verified] + 1)
+        next_logits = {int(idx[j]): logits[int(starts[n] + depth[j])] for n, j in enumerate(verified.tolist())}
+        return accepted, next_logits, events
+
+    @staticmethod
+    def _temporal_redundancy(history, gen_view, batch: int) -> torch.Tensor:
+        """Per sequence: steps x positions still masked after a step whose top-1 already was the final token."""
+        total = torch.zeros(batch, dtype=torch.long, device=gen_view.device)
+        for rows, top1, still_masked in history:
+            hit = still_masked & (top1 == gen_view[rows])
+            total.index_add_(0, rows, hit.sum(-1))
+        return total.cpu()
 
     @staticmethod
     def _stop_rule(rows, gen_view, gen_top1, block_idx, block_len, stop_ids, stopped_early) -> None:

@@ -7,6 +7,7 @@ from unmask.decoding.policies import (  # noqa: F401
     margin,
     one_shot,
     oracle,
+    psd,
     random_order,
     threshold,
 )

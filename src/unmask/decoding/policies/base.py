@@ -81,6 +81,13 @@ class Decision:
     commit: torch.Tensor  # (batch, block) bool, only masked positions may be True
     tokens: torch.Tensor | None = None  # (batch, block) tokens to write; defaults to view.candidate
     remask: torch.Tensor | None = None  # (batch, block) bool, remasking policies only
+    # per-sequence counts of named events this step, e.g. {"cluster_collapses": (batch,) ints};
+    # the loop sums them into `SequenceResult.events` (R²'s spatial events are counted this way)
+    events: dict[str, torch.Tensor] | None = None
+    # speculative drafts (PSD): (batch, K, block) block contents at depths 1..K, built from this
+    # step's predictions with no model call; the loop scores the committed block and the drafts in
+    # one batched call and asks `Policy.accept` which depth to keep
+    drafts: torch.Tensor | None = None
 
 
 class Policy:
@@ -110,6 +117,14 @@ class Policy:
 
     def decide(self, view: StepView, state: Any) -> Decision:
         raise NotImplementedError
+
+    def accept(self, view: StepView, state: Any, candidates: torch.Tensor, draft_top1: torch.Tensor):
+        """For policies that draft: the accepted depth per sequence, and per-sequence events.
+
+        candidates: (batch, K+1, block) the committed block (depth 0) and the drafts;
+        draft_top1: (batch, K+1, block) argmax predicted on each of those canvases.
+        """
+        raise NotImplementedError(f"{self.name} returned drafts but does not implement accept()")
 
     # --- helpers -----------------------------------------------------------------------------
     @property

@@ -1,0 +1,80 @@
+"""PSD on hand-made logits: hierarchical acceptance, rows per call, no extra calls for drafts."""
+
+import torch
+
+from unmask.decoding import generate, parse_strategy
+from unmask.testing import peaked, scripted_model, tiny_tokenizer
+
+TOK = tiny_tokenizer()
+V = len(TOK.hf)
+MASK = TOK.hf.convert_tokens_to_ids("<|mdm_mask|>")
+GEN = 8
+TARGET = [TOK.token_id(w) for w in "tom has 5 apples and ann has 3".split()]
+CONF = [0.95, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2]
+WRONG = TOK.token_id("dogs")
+
+
+def _model(break_depth2: bool = False):
+    def rule(row, gen_start):
+        probs = torch.full((row.shape[0], V), 1.0 / V)
+        targets = list(TARGET)
+        gen = row[gen_start:]
+        # position 3 (group G2) changes its mind once G1 (positions 1, 2) is filled
+        if break_depth2 and gen[1] != MASK and gen[3] == MASK:
+            targets[3] = WRONG
+        probs[gen_start:] = peaked(targets, CONF, V)
+        return probs
+
+    return scripted_model(rule, gen_length=GEN, block_length=GEN, tokenizer=TOK)
+
+
+PSD = "psd:tau=0.9,group=2,depth=3"
+
+
+def test_consistent_drafts_are_accepted_whole_and_the_verification_advances_the_decode():
+    model = _model()
+    result = generate(model, ["hello"], parse_strategy(PSD), record_trace=True)
+    seq = result.sequences[0]
+    # call 1: plain forward; commits position 0, drafts G1={1,2}, G2={3,4}, G3={5,6}
+    # call 2: verifies x0..x3 (4 rows), accepts depth 3; its logits serve the next step, which
+    # commits position 7 with no further call
+    assert model.network.calls == [1, 4]
+    assert seq.nfe == 2 and seq.rows == 5
+    assert seq.tokens == TARGET
+    assert seq.events["draft_depth_accepted"] == 3 and seq.events["draft_tokens_accepted"] == 6
+    assert seq.trace.tokens_after[0].tolist() == TARGET[:7] + [MASK]
+
+
+def test_a_draft_inconsistent_at_depth_2_keeps_depth_1_exactly():
+    model = _model(break_depth2=True)
+    result = generate(model, ["hello"], parse_strategy(PSD), record_trace=True)
+    seq = result.sequences[0]
+    after_first_verification = seq.trace.tokens_after[0].tolist()
+    assert after_first_verification == TARGET[:3] + [MASK] * 5  # x(1): position 0 plus G1, nothing of G2/G3
+    assert seq.events["draft_tokens_accepted"] >= 2
+    assert seq.tokens[3] == WRONG  # the rejected draft token was never committed; the model's later word stands
+
+
+def test_rows_per_call_equal_the_drafts_built_and_no_call_builds_drafts():
+    model = _model()
+    result = generate(model, ["hello"], parse_strategy("psd:tau=0.9,group=1,depth=2,adaptive_depth=false"))
+    seq = result.sequences[0]
+    calls = model.network.calls
+    assert len(calls) == seq.nfe  # one network call per NFE: drafting costs no call
+    assert sum(calls) == seq.rows
+    # a plain forward; then per step x0 plus the drafts built: two while >= 2 positions remain to
+    # draft, one when a single position is left (positions 0..7: 1 forced, 2 drafted, 1, 2, 1, 1)
+    assert calls == [1, 3, 3, 2]
+    assert seq.events["drafts_built"] == sum(calls) - len(calls)
+    assert seq.tokens == TARGET
+
+
+def test_psd_is_batch_invariant_and_counts_per_sequence():
+    from unmask.testing import tiny_llada
+
+    model = tiny_llada(gen_length=16, block_length=8)
+    prompts = ["hello world", "what is 3 plus 4 ?", "tom has 5 apples"]
+    batch = generate(model, prompts, "psd:tau=0.3")
+    for prompt, seq in zip(prompts, batch.sequences):
+        alone = generate(model, [prompt], "psd:tau=0.3").sequences[0]
+        assert (alone.tokens, alone.nfe, alone.rows) == (seq.tokens, seq.nfe, seq.rows)
