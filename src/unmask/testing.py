@@ -365,3 +365,46 @@ def peaked(targets, confidences, vocab_size: int) -> torch.Tensor:
     probs = ((1.0 - conf) / (vocab_size - 1)).expand(n, vocab_size).clone()
     probs[torch.arange(n), torch.as_tensor(targets)] = conf.squeeze(1)
     return probs
+
+
+def make_view(probs, masked=None, stable=None, mask_id: int = 0, block_step: int = 0, rows=None):
+    """A `StepView` for one block built from hand-made probabilities (batch, block, vocab).
+
+    For unit tests of a policy's `decide`: statistics are computed the way the loop computes them.
+    """
+    from unmask.decoding.loop import token_stats
+    from unmask.decoding.policies.base import StepView
+
+    probs = torch.as_tensor(probs, dtype=torch.float32)
+    if probs.dim() == 2:
+        probs = probs[None]
+    batch, block, _ = probs.shape
+    logits = probs.clamp(min=1e-12).log()
+    stats = token_stats(logits)
+    masked = torch.ones(batch, block, dtype=torch.bool) if masked is None else torch.as_tensor(masked).reshape(batch, block)
+    stable = torch.ones(batch, block, dtype=torch.long) if stable is None else torch.as_tensor(stable).reshape(batch, block)
+    tokens = torch.where(masked, torch.full_like(stats["top1"], mask_id), stats["top1"])
+    return StepView(
+        rows=torch.arange(batch) if rows is None else torch.as_tensor(rows),
+        positions=torch.arange(block).expand(batch, block),
+        tokens=tokens,
+        masked=masked,
+        logits=logits,
+        top1=stats["top1"],
+        top1_prob=stats["top1_prob"],
+        candidate=stats["top1"],
+        confidence=stats["top1_prob"],
+        margin=stats["margin"],
+        entropy=stats["entropy"],
+        stable=stable,
+        prev_confidence=torch.full((batch, block), float("nan")),
+        block_step=torch.full((batch,), block_step, dtype=torch.long),
+        step=block_step,
+        gen_top1=stats["top1"],
+        block_length=block,
+        gen_length=block,
+        num_blocks=1,
+        mask_id=mask_id,
+        stop_ids=(1,),
+        generators=[torch.Generator().manual_seed(0) for _ in range(batch)],
+    )

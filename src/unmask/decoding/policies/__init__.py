@@ -8,6 +8,7 @@ from unmask.decoding.policies import (  # noqa: F401
     one_shot,
     oracle,
     psd,
+    r2,
     random_order,
     threshold,
 )
