@@ -25,6 +25,7 @@ from unmask.decoding.config import DecodeConfig
 from unmask.decoding.policies.base import Policy, StepView, most_confident
 from unmask.decoding.trace import Trace, TraceRecorder
 from unmask.errors import UnmaskError
+from unmask.models.cache import KVCache
 
 Prompt = str | list[dict] | list[int]
 
@@ -168,31 +169,31 @@ class Decoder:
         state = policy.init_state(batch, gen, device)
         offsets = torch.arange(block_len, device=device)
         # logits a verification call already computed for a row's current canvas (PSD): the next
-        # step uses them instead of calling the model again
-        pending: dict[int, torch.Tensor] = {}
+        # step uses them instead of calling the model again. row -> (gen positions, logits there)
+        pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._counters = (nfe, rows_count)
+        use_cache = cfg.cache != "none"
+        if use_cache and not model.supports_cache:
+            raise UnmaskError(f"model {model.name} does not support the KV cache; use --cache none", field="cache")
+        cache = KVCache(batch, attention) if use_cache else None
+        # what the model last said at every generation position (a cached call computes only some
+        # positions; the others keep their last prediction, which is the cache's approximation)
+        known_top1 = torch.full((batch, gen), model.mask_id, dtype=torch.long, device=device)
+        known_stats = {key: torch.full((batch, gen), float("nan"), device=device)
+                       for key in ("top1_prob", "margin", "entropy")} if cfg.record_trace else None
+        self._canvas = (canvas, attention, positions, prompt_len)
         step = 0
         start = time.perf_counter()
 
         while bool(active.any()):
             idx = active.nonzero().squeeze(1)
             b = idx.shape[0]
-            if not pending:
-                logits = self._forward(idx, canvas[idx], attention[idx], positions[idx], prompt_len)  # (b, gen, V)
-            else:
-                fresh = [row for row in idx.tolist() if row not in pending]
-                computed = iter(())
-                if fresh:
-                    f = torch.tensor(fresh, device=device)
-                    computed = iter(self._forward(f, canvas[f], attention[f], positions[f], prompt_len))
-                logits = torch.stack([pending.pop(row) if row in pending else next(computed) for row in idx.tolist()])
-
             block_pos = (block_idx[idx] * block_len)[:, None] + offsets  # (b, block)
             arange_b = torch.arange(b, device=device)[:, None]
-            gen_top1 = logits.argmax(-1)  # (b, gen)
-            full = token_stats(logits) if recorder is not None else None
-            blk_logits = logits[arange_b, block_pos]  # (b, block, V)
-            stats = {k: v[arange_b, block_pos] for k, v in full.items()} if full else token_stats(blk_logits)
+            blk_logits = self._step_logits(idx, block_pos, block_step, pending, cache, known_top1, known_stats, cfg.cache)
+            gen_top1 = known_top1[idx]  # (b, gen)
+            stats = token_stats(blk_logits)
+            full = {k: v[idx] for k, v in known_stats.items()} if known_stats is not None else None
             temperature = float(getattr(policy.config, "temperature", 0.0))
             row_gens = [generators[i] for i in idx.tolist()]
             if temperature > 0:
@@ -248,9 +249,7 @@ class Decoder:
             new_blk = torch.where(over, candidate, new_blk)
             commit = commit | over
             if decision.drafts is not None and not policy.remasking:
-                new_blk, accepted_logits, depth_events = self._verify(
-                    view, state, decision.drafts, new_blk, idx, block_pos, canvas, attention, positions, prompt_len
-                )
+                new_blk, accepted_logits, depth_events = self._verify(view, state, decision.drafts, new_blk, idx, block_pos, cache)
                 commit = commit | (masked & (new_blk != model.mask_id))
                 pending.update(accepted_logits)
                 decision.events = {**(decision.events or {}), **depth_events}
@@ -301,6 +300,9 @@ class Decoder:
                     self._stop_rule(done_rows, gen_view, gen_top1[block_done], block_idx, block_len, stop_ids, stopped_early)
                 block_idx[done_rows] += 1
                 block_step[done_rows] = 0
+                if use_cache:  # the next block starts with a refresh of the cache, a full forward
+                    for row in done_rows.tolist():
+                        pending.pop(row, None)
                 finished = done_rows[(block_idx[done_rows] >= num_blocks) | stopped_early[done_rows.cpu()].to(device)]
                 if finished.numel():
                     active[finished] = False
@@ -335,30 +337,108 @@ class Decoder:
             )
         return DecodeResult(sequences=sequences, wall_s=wall, strategy=policy.name, params=policy.params, config=cfg)
 
-    def _forward(self, rows, tokens, attention, positions, prompt_len: int, rows_per_seq=1) -> torch.Tensor:
-        """The one place a decode calls the model: logits of the generation region, float32.
+    def _forward(self, rows, prompt_len: int, rows_per_seq=1, tokens=None, query_pos=None, cache=None,
+                 cache_rows=None, read_only: bool = False) -> torch.Tensor:
+        """The one place a decode calls the model. Counts one NFE per sequence of `rows`.
 
-        `tokens` may hold several canvases per sequence of `rows` (PSD's drafts, `rows_per_seq` an
-        int or a per-sequence tensor); the call is one NFE for each sequence and its canvases are
-        its rows.
+        Without `query_pos`: logits of the whole generation region (rows, gen, V), and with a cache
+        this call refreshes it. With `query_pos` (rows, q) in canvas coordinates: logits there only,
+        attending over the cache. `tokens` may hold several canvases per sequence (PSD's drafts,
+        `rows_per_seq` an int or a per-sequence tensor, `cache_rows` the sequence of each canvas):
+        its canvases are the sequence's rows.
         """
         nfe, rows_count = self._counters
-        logits = self.model.logits(tokens, attention, positions)[:, prompt_len:].float()
+        canvas, attention, positions, _ = self._canvas
+        owners = cache_rows if cache_rows is not None else rows
+        tokens = canvas[owners] if tokens is None else tokens
+        if query_pos is None:
+            logits = self.model.logits(tokens, attention[owners], positions[owners],
+                                       cache=cache.fill(owners) if cache is not None else None)[:, prompt_len:]
+        else:
+            logits = self.model.logits_at(tokens, positions[owners], query_pos, cache, read_only=read_only, rows=owners)
+        logits = logits.float()
         logits[..., self.model.mask_id] = float("-inf")  # the mask token is never a prediction
         nfe[rows.cpu()] += 1
         rows_count[rows.cpu()] += rows_per_seq
         return logits
 
-    def _verify(self, view, state, drafts, committed_blk, idx, block_pos, canvas, attention, positions, prompt_len):
+    def _step_logits(self, idx, block_pos, block_step, pending, cache, known_top1, known_stats, mode):
+        """Block logits (b, block, V) for this step, from a verification's leftovers or a model call.
+
+        Updates `known_top1` (and the trace's statistics) at every position the call computed.
+        """
+        model = self.model
+        prompt_len = self._canvas[3]
+        gen = known_top1.shape[1]
+        device = block_pos.device
+        blk = torch.empty(idx.shape[0], block_pos.shape[1], model.vocab_size, device=device)
+        todo = []
+        for j, row in enumerate(idx.tolist()):
+            if row in pending:
+                where, logits = pending.pop(row)
+                self._remember(idx[j : j + 1], where[None], logits[None], known_top1, known_stats)
+                lookup = torch.full((gen,), -1, dtype=torch.long, device=device)
+                lookup[where] = torch.arange(where.shape[0], device=device)
+                blk[j] = logits[lookup[block_pos[j]]]
+            else:
+                todo.append(j)
+        if not todo:
+            return blk
+        todo_t = torch.tensor(todo, device=device)
+        rows = idx[todo_t]
+        groups = [(todo_t, None)]
+        if cache is not None:
+            refresh = block_step[rows] == 0
+            groups = [(todo_t[refresh], None), (todo_t[~refresh], mode)]
+        for sel, kind in groups:
+            if sel.numel() == 0:
+                continue
+            r = idx[sel]
+            if kind is None:
+                logits = self._forward(r, prompt_len, cache=cache)  # (n, gen, V)
+                where = torch.arange(gen, device=device).expand(r.shape[0], gen)
+            else:
+                if kind == "dual":
+                    where = block_pos[sel]
+                else:  # prefix: each row's block and everything after it, padded by repeating the
+                    # last position (a duplicate query writes the same keys and changes nothing)
+                    starts = block_pos[sel, 0]
+                    width = gen - int(starts.min())
+                    where = (starts[:, None] + torch.arange(width, device=device)[None]).clamp(max=gen - 1)
+                logits = self._forward(r, prompt_len, query_pos=where + prompt_len, cache=cache)
+            self._remember(r, where, logits, known_top1, known_stats)
+            lookup = torch.full((r.shape[0], gen), -1, dtype=torch.long, device=device)
+            lookup.scatter_(1, where, torch.arange(where.shape[1], device=device).expand_as(where))
+            pick = lookup.gather(1, block_pos[sel])
+            blk[sel] = logits[torch.arange(r.shape[0], device=device)[:, None], pick]
+        return blk
+
+    @staticmethod
+    def _remember(rows, where, logits, known_top1, known_stats) -> None:
+        top1 = logits.argmax(-1)
+        kt = known_top1[rows]
+        kt.scatter_(1, where, top1)
+        known_top1[rows] = kt
+        if known_stats is not None:
+            stats = token_stats(logits)
+            for key, buf in known_stats.items():
+                vals = buf[rows]
+                vals.scatter_(1, where, stats[key])
+                buf[rows] = vals
+
+    def _verify(self, view, state, drafts, committed_blk, idx, block_pos, cache):
         """Score the committed block and its drafts in one batched call; keep the depth the policy accepts.
 
         drafts: (b, K, block) block contents at depths 1..K. Only the levels a sequence really built
         (a level adds at least one token) are forwarded and counted as its rows; a sequence with no
-        draft takes no part in the call. Returns the accepted block tokens, a dict row -> logits of
-        the accepted canvas (the next step's forward) and per-sequence events.
+        draft takes no part in the call. With a cache, draft rows compute the block only, over their
+        sequence's cached keys, and write nothing back. Returns the accepted block tokens, a dict
+        row -> (positions, logits) of the accepted canvas (the next step's forward) and events.
         """
+        canvas, _, _, prompt_len = self._canvas
         b, depth_max, _ = drafts.shape
         device = drafts.device
+        gen = canvas.shape[1] - prompt_len
         candidates = torch.cat([committed_blk[:, None], drafts], dim=1)  # (b, K+1, block)
         built = (candidates[:, 1:] != candidates[:, :-1]).any(-1).sum(-1)  # (b,) levels with new tokens
         verified = (built > 0).nonzero().squeeze(1)
@@ -374,20 +454,29 @@ class Decoder:
         gen_part[torch.arange(owner.shape[0], device=device)[:, None], block_pos[owner]] = candidates[owner, level]
         tokens[:, prompt_len:] = gen_part
         rows = idx[verified]
-        logits = self._forward(rows, tokens, attention[idx[owner]], positions[idx[owner]], prompt_len,
-                               rows_per_seq=(built[verified] + 1).cpu())
+        per_seq = (built[verified] + 1).cpu()
+        if cache is None:
+            logits = self._forward(rows, prompt_len, per_seq, tokens=tokens, cache_rows=idx[owner])
+            where_all = torch.arange(gen, device=device)
+            top1_rows = logits.argmax(-1)[torch.arange(owner.shape[0], device=device)[:, None], block_pos[owner]]
+        else:
+            logits = self._forward(rows, prompt_len, per_seq, tokens=tokens, query_pos=block_pos[owner] + prompt_len,
+                                   cache=cache, cache_rows=idx[owner], read_only=True)
+            where_all = None
+            top1_rows = logits.argmax(-1)
         # per sequence, the top-1 on each level's canvas (levels it did not build repeat its last)
+        starts = torch.cumsum(built[verified] + 1, 0) - (built[verified] + 1)
         draft_top1 = candidates.clone()
-        top1_rows = logits.argmax(-1)[torch.arange(owner.shape[0], device=device)[:, None], block_pos[owner]]
         for k in range(depth_max + 1):
             pick = torch.minimum(torch.full_like(built[verified], k), built[verified])
-            starts = torch.cumsum(built[verified] + 1, 0) - (built[verified] + 1)
             draft_top1[verified, k] = top1_rows[starts + pick]
         depth, events = self.policy.accept(view, state, candidates, draft_top1)
         depth = torch.minimum(depth, built)
         accepted = candidates[torch.arange(b, device=device), depth]
-        starts = torch.cumsum(built[verified] + 1, 0) - (built[verified] + 1)
-        next_logits = {int(idx[j]): logits[int(starts[n] + depth[j])] for n, j in enumerate(verified.tolist())}
+        next_logits = {}
+        for n, j in enumerate(verified.tolist()):
+            chosen = logits[int(starts[n] + depth[j])]
+            next_logits[int(idx[j])] = (where_all if where_all is not None else block_pos[j], chosen)
         return accepted, next_logits, events
 
     @staticmethod

@@ -94,3 +94,23 @@ class DiffusionLM:
             shifted = torch.cat([out[:, :1], out[:, :-1]], dim=1)
             out = torch.where((position_ids == 0)[..., None], out, shifted)
         return out
+
+    def logits_at(
+        self,
+        input_ids: torch.Tensor,  # (rows, seq) whole canvases
+        position_ids: torch.Tensor,  # (rows, seq)
+        query_pos: torch.Tensor,  # (rows, q) canvas positions whose logits are wanted
+        cache: Any,
+        read_only: bool = False,
+        rows: torch.Tensor | None = None,  # sequence of each row in the cache
+    ) -> torch.Tensor:
+        """Logits (rows, q, vocab) at `query_pos` only, attending over the cached keys and values.
+
+        For a shifted model the queries are the positions before `query_pos` (their hidden states
+        predict `query_pos`), so the caller never deals with the shift.
+        """
+        source = (query_pos - 1).clamp(min=0) if self.shifted else query_pos
+        cache.partial(rows if rows is not None else torch.arange(input_ids.shape[0], device=input_ids.device), source, read_only)
+        tokens = input_ids.gather(1, source)
+        positions = position_ids.gather(1, source)
+        return self.network(tokens, position_ids=positions, key_mask=None, cache=cache)

@@ -1,0 +1,67 @@
+"""KV cache for the native networks: Fast-dLLM's prefix and dual approximations.
+
+The loop refreshes the cache with one full forward at the start of every block (`fill`): every
+layer's keys and values of the whole canvas are stored. Until the block completes, calls compute
+only some query positions (`partial`) and attend over the stored keys, with the query positions'
+own keys and values recomputed and written back:
+
+- prefix: the queries are the current block and everything after it; the prompt and finished
+  blocks are read from the cache.
+- dual: the queries are the current block only; the prompt, finished blocks and the still-masked
+  suffix are read from the cache (the suffix as it was at the block's start: the approximation).
+
+Draft rows of PSD's verification (`read_only`) attend over their sequence's stored keys with their
+own fresh keys at the query positions, and write nothing back, so drafts never see each other.
+Memory is bounded by one canvas of keys and values per sequence and layer, and is released with the
+cache object when the decode ends.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Keys and values of every canvas position, per layer, for the sequences of one decode."""
+
+    def __init__(self, batch_size: int, key_mask: torch.Tensor):
+        self.batch_size = batch_size
+        self.key_mask = key_mask  # (batch, seq) bool: False on padding
+        self.keys: dict[int, torch.Tensor] = {}  # layer -> (batch, kv_heads, seq, head_dim)
+        self.values: dict[int, torch.Tensor] = {}
+        self.rows: torch.Tensor | None = None  # sequences of the current call (one per row)
+        self.query_pos: torch.Tensor | None = None  # (rows, q) canvas positions of the queries
+        self.read_only = False
+
+    # -- set by the loop before each call -------------------------------------------------------
+    def fill(self, rows: torch.Tensor) -> "KVCache":
+        self.rows, self.query_pos, self.read_only = rows, None, False
+        return self
+
+    def partial(self, rows: torch.Tensor, query_pos: torch.Tensor, read_only: bool = False) -> "KVCache":
+        self.rows, self.query_pos, self.read_only = rows, query_pos, read_only
+        return self
+
+    # -- called by every attention layer ---------------------------------------------------------
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, key_mask):
+        """Merge this call's keys/values (rows, kv_heads, q, head_dim) with the stored ones."""
+        rows = self.rows
+        if self.query_pos is None:
+            if layer not in self.keys:
+                shape = (self.batch_size,) + tuple(k.shape[1:])
+                self.keys[layer] = torch.zeros(shape, dtype=k.dtype, device=k.device)
+                self.values[layer] = torch.zeros(shape, dtype=v.dtype, device=v.device)
+            self.keys[layer][rows] = k
+            self.values[layer][rows] = v
+            return k, v, key_mask
+        stored_k, stored_v = self.keys[layer], self.values[layer]
+        index = self.query_pos
+        r = torch.arange(index.shape[0], device=index.device)[:, None]
+        if self.read_only:
+            full_k, full_v = stored_k[rows].clone(), stored_v[rows].clone()
+            full_k[r, :, index] = k.transpose(1, 2)
+            full_v[r, :, index] = v.transpose(1, 2)
+            return full_k, full_v, self.key_mask[rows]
+        stored_k[rows[:, None], :, index] = k.transpose(1, 2)
+        stored_v[rows[:, None], :, index] = v.transpose(1, 2)
+        return stored_k[rows], stored_v[rows], self.key_mask[rows]
