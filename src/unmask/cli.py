@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     from unmask.training.cli import add_train_parser
 
     add_train_parser(sub)
+
+    from unmask.evaluation.cli import add_lm_eval_parser
+
+    add_lm_eval_parser(sub)
     return parser
 
 
@@ -131,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command == "lm-eval":
+            from unmask.evaluation.cli import run_lm_eval
+
+            return run_lm_eval(args)
         if args.command == "train":
             from unmask.training.cli import run_train
 

@@ -18,6 +18,7 @@ import torch
 
 from unmask.bench.stats import wilson_interval
 from unmask.decoding import DecodeConfig, generate, parse_strategy
+from unmask.decoding.redundancy import r_total
 from unmask.errors import UnmaskError
 
 DEFAULT_STRATEGIES = ("low_confidence", "random", "margin", "entropy", "threshold", "factor", "one_shot", "oracle")
@@ -127,17 +128,12 @@ def summarize(name: str, params: dict, records: list[dict]) -> dict[str, Any]:
     }
 
 
-# R_total weights: one redundant step and one spatial event each cost one count (R²-dLLM gives no
-# formula for its score; equal weights keep it a plain count of avoidable work)
-SPATIAL_EVENTS = ("cluster_collapses", "ambiguity_merges")
-
-
 def redundancy(records: list[dict]) -> dict[str, float]:
-    """Average redundancy counts per problem: temporal steps, spatial events and their sum R_total."""
+    """Average redundancy counts per problem: temporal steps, spatial events and R_total."""
     n = max(len(records), 1)
     keys = sorted({k for r in records for k in r.get("events", {})})
     out = {k: sum(r.get("events", {}).get(k, 0.0) for r in records) / n for k in keys}
-    out["r_total"] = out.get("temporal_redundant_steps", 0.0) + sum(out.get(k, 0.0) for k in SPATIAL_EVENTS)
+    out["r_total"] = r_total(out)
     return out
 
 
