@@ -78,3 +78,4 @@ def test_psd_is_batch_invariant_and_counts_per_sequence():
     for prompt, seq in zip(prompts, batch.sequences):
         alone = generate(model, [prompt], "psd:tau=0.3").sequences[0]
         assert (alone.tokens, alone.nfe, alone.rows) == (seq.tokens, seq.nfe, seq.rows)
+

@@ -44,6 +44,7 @@ class SequenceResult:
     latency_s: float  # from the start of the decode until this sequence finished
     stopped_early: bool
     trace: Trace | None = None
+    cancelled: bool = False  # left the batch before finishing (its tokens may hold masks)
     # policy events summed over steps, plus `temporal_redundant_steps`: (step, position) pairs of
     # the current block where the position stayed masked after the step although its top-1 already
     # equalled the final token (R²-dLLM's temporal redundancy, counted for every policy)
@@ -118,11 +119,17 @@ def _gumbel_candidates(logits: torch.Tensor, temperature: float, generators: lis
 class Decoder:
     """Runs one policy over one batch of prompts. Use `generate(...)`; this holds the per-decode state."""
 
-    def __init__(self, model, policy: Policy, config: DecodeConfig, progress: Callable[[int], None] | None = None):
+    def __init__(self, model, policy: Policy, config: DecodeConfig, progress: Callable[[int], None] | None = None,
+                 on_block: Callable[[int, int, list[int]], None] | None = None,
+                 cancelled: Callable[[int], bool] | None = None):
         self.model = model
         self.policy = policy
         self.config = config
         self.progress = progress
+        # on_block(row, block_index, generation tokens so far): a block of `row` is final (streaming)
+        self.on_block = on_block
+        # cancelled(row) -> True: the sequence leaves the batch at once (a client went away)
+        self.cancelled = cancelled
 
     @torch.inference_mode()
     def run(self, prompt_ids: list[list[int]]) -> DecodeResult:
@@ -182,6 +189,7 @@ class Decoder:
         known_stats = {key: torch.full((batch, gen), float("nan"), device=device)
                        for key in ("top1_prob", "margin", "entropy")} if cfg.record_trace else None
         self._canvas = (canvas, attention, positions, prompt_len)
+        cancelled_rows: set[int] = set()
         step = 0
         start = time.perf_counter()
 
@@ -307,6 +315,17 @@ class Decoder:
                 if finished.numel():
                     active[finished] = False
                     finish_s[finished.cpu().numpy()] = time.perf_counter() - start
+                if self.on_block is not None:
+                    for row in done_rows.tolist():
+                        end = gen if bool(stopped_early[row]) else int(block_idx[row]) * block_len
+                        self.on_block(row, int(block_idx[row]) - 1, gen_view[row, :end].tolist())
+            if self.cancelled is not None:
+                for row in active.nonzero().squeeze(1).tolist():
+                    if self.cancelled(row):
+                        active[row] = False
+                        cancelled_rows.add(row)
+                        pending.pop(row, None)
+                        finish_s[row] = time.perf_counter() - start
             step += 1
             if self.progress is not None:
                 self.progress(step)
@@ -328,9 +347,10 @@ class Decoder:
                     text=model.tokenizer.decode(answer),
                     nfe=int(nfe[row]),
                     rows=int(rows_count[row]),
-                    decided=gen,
+                    decided=sum(t != model.mask_id for t in tokens),
                     latency_s=float(finish_s[row]),
                     stopped_early=bool(stopped_early[row]),
+                    cancelled=row in cancelled_rows,
                     trace=recorder.build(row, cs_np[row]) if recorder is not None else None,
                     events={**events[row], "temporal_redundant_steps": float(redundant[row])},
                 )
@@ -515,6 +535,8 @@ def generate(
     config: DecodeConfig | None = None,
     chat: bool = True,
     progress: Callable[[int], None] | None = None,
+    on_block: Callable[[int, int, list[int]], None] | None = None,
+    cancelled: Callable[[int], bool] | None = None,
     **overrides,
 ) -> DecodeResult:
     """Decode `prompts` with `policy` (an instance or a strategy string) in one batch.
@@ -530,4 +552,4 @@ def generate(
         raise UnmaskError("no prompts given; pass at least one prompt")
     prompt_ids = encode_prompts(model, prompts, chat=chat)
     policy.prepare(model, prompt_ids, config)
-    return Decoder(model, policy, config, progress=progress).run(prompt_ids)
+    return Decoder(model, policy, config, progress=progress, on_block=on_block, cancelled=cancelled).run(prompt_ids)
