@@ -76,13 +76,25 @@ class DecodeResult:
 def encode_prompts(model, prompts: Sequence[Prompt], chat: bool = True) -> list[list[int]]:
     """Token ids for each prompt: ids pass through, strings and message lists get the chat template."""
     out = []
+    vocab = model.vocab_size
     for i, prompt in enumerate(prompts):
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)
-        elif isinstance(prompt, (str, list)):
-            if isinstance(prompt, list) and not prompt:
-                raise UnmaskError(f"prompt {i} is an empty message list; give at least one message", field="messages")
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise UnmaskError(f"prompt {i} holds token id {bad[0]}, outside the vocabulary [0, {vocab})", field="prompt")
+        elif isinstance(prompt, str):
             ids = model.tokenizer.prompt_ids(prompt, chat=chat)
+        elif isinstance(prompt, (list, tuple)):
+            if not prompt:
+                raise UnmaskError(f"prompt {i} is an empty message list; give at least one message", field="messages")
+            for message in prompt:
+                if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                        and isinstance(message.get("content"), str)):
+                    raise UnmaskError(
+                        f"prompt {i}: every chat message needs a string 'role' and a string 'content' "
+                        "(or pass a list of token ids)", field="messages")
+            ids = model.tokenizer.prompt_ids(list(prompt), chat=chat)
         else:
             raise UnmaskError(f"prompt {i} must be a string, a list of chat messages or a list of token ids")
         if not ids:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import types
 import typing
 from dataclasses import MISSING, fields
@@ -61,13 +62,19 @@ def _convert(name: str, key: str, raw: Any, typ: Any) -> Any:
                 return False
             raise ValueError
         if typ is int:
-            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+            if isinstance(raw, bool):
                 raise ValueError
-            return int(float(raw)) if isinstance(raw, str) and "." in raw else int(raw)
+            number = float(raw)
+            if not math.isfinite(number) or not number.is_integer():
+                raise ValueError  # 2.5 is not a step count; never truncate silently
+            return int(number)
         if typ is float:
             if isinstance(raw, bool):
                 raise ValueError
-            return float(raw)
+            number = float(raw)
+            if not math.isfinite(number):
+                raise UnmaskError(f"strategy {name}: parameter {key} must be a finite number, got {raw!r}", field=key)
+            return number
         if typ is str:
             return str(raw)
     except (TypeError, ValueError):
