@@ -1,0 +1,171 @@
+"""The SFT trainer: objective, layout, resume, fine-tuning, JSONL data, argument errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+
+import pytest
+import torch
+
+from unmask.errors import UnmaskError
+from unmask.training.cli import add_train_parser, config_from_args, run_train
+from unmask.training.data import Example, collate
+from unmask.training.sft import fresh_model, prepare
+from unmask.training.trainer import STATE_FILE, TrainConfig, masked_diffusion_loss, sample_mask_ratio
+
+# small train pools keep the tests fast (the default pool is 50k problems per task)
+TASKS = ("arith:train_size=300", "trace:train_size=300")
+TINY = dict(tasks=TASKS, d_model=32, n_layers=2, n_heads=4, batch_size=8, eval_every=0, save_every=0, progress=False,
+            warmup_steps=2, log_every=1)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["train", "sft", *argv])
+
+
+def tiny_config(tmp_path, **kwargs) -> TrainConfig:
+    return TrainConfig(out=str(tmp_path / "run"), **{**TINY, **kwargs})
+
+
+def test_masking_never_touches_prompt_and_loss_ignores_it(tmp_path):
+    trainer = prepare(tiny_config(tmp_path, steps=1))
+    model, batch = trainer.model, trainer.next_batch()
+    gen = torch.Generator().manual_seed(0)
+    _, info = masked_diffusion_loss(model, batch, gen)
+    assert not (info["masked"] & ~batch.response_mask).any()
+    assert torch.equal(info["noisy"][~batch.response_mask], batch.input_ids[~batch.response_mask])
+    assert batch.response_mask[:, -48:].all() and not batch.response_mask[:, :-48].any()
+    # the loss does not depend on what the model predicts at prompt positions
+    logits_hook = []
+
+    def perturb(module, args, output):
+        output = output.clone()
+        output[:, :-48] = torch.randn_like(output[:, :-48]) * 100
+        logits_hook.append(1)
+        return output
+
+    gen_a, gen_b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        loss_a, _ = masked_diffusion_loss(model, batch, gen_a)
+        handle = model.network.register_forward_hook(perturb)
+        loss_b, _ = masked_diffusion_loss(model, batch, gen_b)
+        handle.remove()
+    assert logits_hook and torch.allclose(loss_a, loss_b)
+
+
+def test_batch_layout_left_pads_prompts_and_eos_pads_responses():
+    batch = collate([Example([5, 6, 7], [8, 9]), Example([5], [8])], gen_length=4, pad_id=0, eos_id=0)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, 0, 0], [0, 0, 5, 8, 0, 0, 0]]
+    assert batch.attention_mask.tolist()[1] == [False, False, True, True, True, True, True]
+    with pytest.raises(UnmaskError):
+        collate([Example([5], [1, 2, 3])], gen_length=2, pad_id=0, eos_id=0)
+
+
+def test_stratified_mask_ratio_covers_each_stratum():
+    p = sample_mask_ratio(8, 1e-3, True, torch.Generator().manual_seed(0))
+    t = (p - 1e-3) / (1 - 1e-3)
+    assert sorted((t * 8).floor().long().tolist()) == list(range(8))
+
+
+def test_overfits_one_batch(tmp_path):
+    trainer = prepare(tiny_config(tmp_path, steps=30, lr=1e-2, batch_size=4))
+    batch = trainer.next_batch()
+
+    def fixed_loss():
+        with torch.no_grad():
+            return float(masked_diffusion_loss(trainer.model, batch, torch.Generator().manual_seed(7))[0])
+
+    before = fixed_loss()
+    for _ in range(30):
+        trainer.train_step(batch)
+    assert fixed_loss() < 0.6 * before
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    straight = prepare(tiny_config(tmp_path / "a", steps=4))
+    straight.train()
+    first = prepare(tiny_config(tmp_path / "b", steps=4))
+    while first.step < 2:
+        first.train_step(first.next_batch())
+    first.save()
+    assert (tmp_path / "b" / "run" / STATE_FILE).exists()
+    resumed = prepare(tiny_config(tmp_path / "b", steps=4, resume=True))
+    assert resumed.step == 2
+    resumed.train()
+    a, b = straight.model.network.state_dict(), resumed.model.network.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    log = [json.loads(line) for line in (tmp_path / "b" / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r][-2:] == [3, 4]
+
+
+def test_init_from_tiny_checkpoint_fine_tunes_and_evaluates(tmp_path):
+    from unmask.models.loading import load_model
+    from unmask.testing import write_tiny_llada
+
+    ckpt = write_tiny_llada(tmp_path / "tiny")
+    args = parse(["--out", str(tmp_path / "ft"), "--init", str(ckpt), "--task", "arith:train_size=100", "--steps", "2",
+                  "--batch-size", "4", "--gen-length", "40", "--block-length", "8", "--eval-every", "2",
+                  "--eval-problems", "2", "--no-progress"])
+    assert run_train(args) == 0
+    model = load_model(str(tmp_path / "ft"))
+    assert model.defaults.gen_length == 40
+    log = (tmp_path / "ft" / "train_log.jsonl").read_text()
+    assert '"eval": {"arith:train_size=100"' in log
+
+
+def test_jsonl_data_file(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    records = [
+        {"prompt": "tom has 3 toys . how many toys ?", "response": "the answer is 3 ."},
+        {"messages": [{"role": "user", "content": "b = 2 ; print ( b )"}], "response": "we print b . the answer is 2 ."},
+    ]
+    data.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    config = config_from_args(parse(["--out", str(tmp_path / "run"), "--data", str(data), "--steps", "2",
+                                     "--batch-size", "4", "--d-model", "32", "--n-layers", "1", "--no-progress"]))
+    assert config.tasks == ()
+    trainer = prepare(config)
+    batch = trainer.next_batch()
+    texts = {trainer.model.tokenizer.decode(row[batch.response_mask[i]].tolist()) for i, row in enumerate(batch.input_ids)}
+    assert texts <= {"the answer is 3.", "we print b. the answer is 2."}
+    trainer.train()
+    assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--steps", "0"],
+        ["--gen-length", "48", "--block-length", "10"],
+        ["--lr", "-1"],
+        ["--task", "gsm8k"],
+        ["--task", "arith", "--gen-length", "16", "--block-length", "8"],
+        ["--d-model", "30", "--n-heads", "4"],
+        ["--resume"],
+        ["--data", "/nonexistent/file.jsonl"],
+        ["--init", "/nonexistent/checkpoint"],
+    ],
+)
+def test_bad_arguments_raise_unmask_error(tmp_path, argv):
+    args = parse(["--out", str(tmp_path / "run"), "--no-progress", "--steps", "1", *argv])
+    with pytest.raises(UnmaskError):
+        run_train(args)
+
+
+def test_bad_jsonl_record_raises(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "hi"}\n')
+    with pytest.raises(UnmaskError):
+        prepare(TrainConfig(out=str(tmp_path / "run"), data=str(data), **{**TINY, "tasks": ()}))
+
+
+def test_fresh_model_uses_builtin_tokenizer():
+    model = fresh_model(TrainConfig(d_model=32, n_layers=1, n_heads=4))
+    assert model.tokenizer.hf.convert_ids_to_tokens(model.mask_id) == "<|mdm_mask|>"
+    assert model.vocab_size == len(model.tokenizer.hf)
+    random.seed(0)
