@@ -198,3 +198,13 @@ def test_describe_policies_lists_every_policy_with_params_and_defaults():
         assert {p["name"]: p["default"] for p in by_name[name]["params"]} == {"temperature": 0.0, "steps": None}
     for name in ("one_shot", "oracle"):
         assert [p["name"] for p in by_name[name]["params"]] == ["temperature"]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: parse_strategy("low_confidence").Config(temperature=float("inf")),
+    lambda: parse_strategy("threshold").Config(temperature=float("nan")),
+    lambda: parse_strategy("factor").Config(factor=float("nan")),
+], ids=["temperature-inf", "temperature-nan", "factor-nan"])
+def test_configs_built_in_python_reject_non_finite_values(make):
+    config = make()
+    error_of(config.validate)

@@ -317,7 +317,8 @@ class Decoder:
             if bool(block_done.any()):
                 done_rows = idx[block_done]
                 if cfg.early_stop:
-                    self._stop_rule(done_rows, gen_view, gen_top1[block_done], block_idx, block_len, stop_ids, stopped_early)
+                    predicted = policy.stop_predictions(done_rows, gen_top1[block_done])
+                    self._stop_rule(done_rows, gen_view, predicted, block_idx, block_len, stop_ids, stopped_early)
                 block_idx[done_rows] += 1
                 block_step[done_rows] = 0
                 if use_cache:  # the next block starts with a refresh of the cache, a full forward

@@ -8,6 +8,7 @@ A policy is a small class with a `Config` dataclass and one `decide` method.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -25,8 +26,8 @@ class PolicyConfig:
     temperature: float = 0.0
 
     def validate(self) -> None:
-        if self.temperature < 0:
-            raise UnmaskError(f"temperature must be >= 0, got {self.temperature}", field="temperature")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise UnmaskError(f"temperature must be a finite number >= 0, got {self.temperature}", field="temperature")
 
 
 @dataclass
@@ -117,6 +118,13 @@ class Policy:
 
     def decide(self, view: StepView, state: Any) -> Decision:
         raise NotImplementedError
+
+    def stop_predictions(self, rows: torch.Tensor, gen_top1: torch.Tensor) -> torch.Tensor:
+        """What the stop rule takes as the prediction for each generation position (batch, gen).
+
+        The model's current argmax by default; the oracle answers with its reference tokens.
+        """
+        return gen_top1
 
     def accept(self, view: StepView, state: Any, candidates: torch.Tensor, draft_top1: torch.Tensor):
         """For policies that draft: the accepted depth per sequence, and per-sequence events.

@@ -1,3 +1,4 @@
+import math
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +14,7 @@ class FactorConfig(PolicyConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.factor <= 0:
+        if not math.isfinite(self.factor) or self.factor <= 0:
             raise UnmaskError(f"factor must be > 0, got {self.factor}", field="factor")
 
 
