@@ -110,11 +110,11 @@ def cmd_bench(args) -> int:
     from pathlib import Path
 
     from unmask.bench import BenchConfig, run_bench
-    from unmask.bench.runner import DEFAULT_STRATEGIES
+    from unmask.bench.runner import default_strategies
 
     cfg = BenchConfig(
         model=args.model, task=args.task, split=args.split,
-        strategies=args.strategies or list(DEFAULT_STRATEGIES), limit=args.limit, seed=args.seed,
+        strategies=args.strategies or default_strategies(), limit=args.limit, seed=args.seed,
         gen_length=args.gen_length, block_length=args.block_length, batch_size=args.batch_size, out=args.out,
         device=args.device, dtype=args.dtype, cache=args.cache, trust_remote_code=args.trust_remote_code,
     )

@@ -21,7 +21,13 @@ from unmask.decoding import DecodeConfig, generate, parse_strategy
 from unmask.decoding.redundancy import r_total
 from unmask.errors import UnmaskError
 
-DEFAULT_STRATEGIES = ("low_confidence", "random", "margin", "entropy", "threshold", "factor", "one_shot", "oracle")
+def default_strategies() -> list[str]:
+    """Every registered policy at its defaults (the main job's comparison)."""
+    from unmask.decoding import policy_names
+
+    return list(policy_names())
+
+
 
 
 @dataclass
@@ -31,7 +37,7 @@ class BenchConfig:
     model: str | None = None
     task: str = "arith"
     split: str = "test"
-    strategies: list[str] = field(default_factory=lambda: list(DEFAULT_STRATEGIES))
+    strategies: list[str] = field(default_factory=default_strategies)
     limit: int | None = 200
     seed: int = 0
     gen_length: int | None = None
