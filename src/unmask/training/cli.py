@@ -27,8 +27,12 @@ def _task_list(text: str) -> tuple[str, ...]:
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """Add `train` (with the sub-command `sft`) to an argparse sub-parser group."""
     train = subparsers.add_parser("train", help="train or fine-tune a masked diffusion LM")
-    train_sub = train.add_subparsers(dest="train_command", metavar="{sft,r2-sft}")
+    train_sub = train.add_subparsers(dest="train_command", metavar="{sft,r2-sft,collect-traces,controller}")
     train_sub.required = True
+
+    from unmask.training.controller_cli import add_controller_commands
+
+    add_controller_commands(train_sub)
     sft = train_sub.add_parser(
         "sft",
         help="masked-diffusion SFT (LLaDA's objective): from scratch, from --init, or on --data",
@@ -136,6 +140,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run_train(args: argparse.Namespace) -> int:
     """Run the parsed `train` command; UnmaskError propagates for the main CLI to report."""
+    if getattr(args, "train_command", None) in ("collect-traces", "controller"):
+        from unmask.training.controller_cli import run_controller_command
+
+        return run_controller_command(args)
     from unmask.training.sft import run_sft
 
     if getattr(args, "train_command", None) == "r2-sft":

@@ -1,6 +1,7 @@
 """Built-in policies; importing this package registers each of them."""
 
 from unmask.decoding.policies import (  # noqa: F401
+    ce,
     entropy,
     factor,
     low_confidence,
@@ -11,4 +12,5 @@ from unmask.decoding.policies import (  # noqa: F401
     r2,
     random_order,
     threshold,
+    tspd,
 )

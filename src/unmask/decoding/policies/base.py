@@ -112,6 +112,10 @@ class Policy:
     def prepare(self, model, prompts: list[list[int]], decode_config) -> None:
         """Called once per decode before the first step (the oracle runs its reference here)."""
 
+    def unavailable(self, model) -> str | None:
+        """Why this policy cannot decode with `model` (a missing trained part), or None if it can."""
+        return None
+
     def init_state(self, batch_size: int, gen_length: int, device: torch.device) -> Any:
         """Per-decode state for stateful policies, indexed by `view.rows`."""
         return None

@@ -28,8 +28,8 @@ class PSDConfig(PolicyConfig):
             raise UnmaskError(f"tau must be in (0, 1], got {self.tau}", field="tau")
         if self.k < 1:
             raise UnmaskError(f"k must be >= 1, got {self.k}", field="k")
-        if self.depth < 0:
-            raise UnmaskError(f"depth must be >= 0, got {self.depth}", field="depth")
+        if not 0 <= self.depth <= 16:
+            raise UnmaskError(f"depth must be between 0 and 16 drafts, got {self.depth}", field="depth")
         if self.group < 0:
             raise UnmaskError(f"group must be >= 0, got {self.group}", field="group")
 

@@ -29,10 +29,13 @@ class R2Config(PolicyConfig):
             value = getattr(self, name)
             if not 0.0 < value <= 1.0:
                 raise UnmaskError(f"{name} must be in (0, 1], got {value}", field=name)
-        if self.k < 1:
-            raise UnmaskError(f"k must be >= 1, got {self.k}", field="k")
-        if self.conf_window < 0 or self.ambiguity_radius < 0:
-            raise UnmaskError("conf_window and ambiguity_radius must be >= 0", field="conf_window")
+        if not 1 <= self.k <= 64:
+            raise UnmaskError(f"k must be between 1 and 64 calls, got {self.k}", field="k")
+        if not 0 <= self.conf_window <= 64:
+            raise UnmaskError(f"conf_window must be between 0 and 64 positions, got {self.conf_window}", field="conf_window")
+        if not 0 <= self.ambiguity_radius <= 16:
+            raise UnmaskError(f"ambiguity_radius must be between 0 and 16 positions, got {self.ambiguity_radius}",
+                              field="ambiguity_radius")
         if self.temporal_stat not in TEMPORAL_STATS:
             raise UnmaskError(f"temporal_stat must be one of {', '.join(TEMPORAL_STATS)}", field="temporal_stat")
         if self.cluster_score not in CLUSTER_SCORES:

@@ -1,0 +1,137 @@
+"""TSPD: commit the positions a learned controller judges converged, optionally with CE."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from unmask.decoding.features import FEATURE_GROUPS, FeatureTracker, groups_without
+from unmask.decoding.policies.base import Decision, Policy, PolicyConfig
+from unmask.decoding.policies.ce import CEConfig, ConfidenceExtrapolation, with_progress
+from unmask.decoding.registry import register_policy
+from unmask.errors import UnmaskError
+
+
+@dataclass
+class TSPDConfig(PolicyConfig):
+    tau: float = 0.9  # commit a masked position when the controller's P(converged) exceeds tau
+    controller: str | None = None  # controller folder; default <model_dir>/controller (or controller-drop-GROUP)
+    drop: str | None = None  # feature group left out; the controller must have been trained without it
+    ce: bool = False  # add CE's look-ahead commits and holds (at CE's default settings)
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.tau < 1.0:
+            raise UnmaskError(f"tau must be in [0, 1), got {self.tau}", field="tau")
+        if self.drop is not None and self.drop not in FEATURE_GROUPS:
+            raise UnmaskError(f"drop must be one of {', '.join(FEATURE_GROUPS)}, got {self.drop!r}", field="drop")
+
+
+@register_policy
+class TSPD(Policy):
+    """Temporal-Spatial Parallel Decoding (arXiv 2605.30753): a tiny learned controller decides convergence.
+
+    Each call, every position of the block gets its trajectory features (confidence, margin,
+    entropy, momentum, stability, position; `unmask.decoding.features`) and those of its last few
+    calls; the controller (`unmask train controller`, about 2K parameters) maps them to the
+    probability that the position's top-1 is already final. Masked positions with probability
+    above `tau` are committed; if none is, the most probable one. With `ce=true`, Confidence
+    Extrapolation adds its safe look-ahead commits and holds back oscillating or under-confident
+    positions (see `ce`).
+
+    The controller is read from `controller=PATH`, else from the model's folder
+    (`<model_dir>/controller/`, `<model_dir>/controller-drop-GROUP/` with `drop`). `drop` removes a
+    feature group for the ablation and requires a controller trained without exactly that group.
+    Departures from the paper: the controller is a window MLP rather than LSTM-like (see
+    `unmask.training.controller`); supervision comes from the reference low-confidence decode.
+    Per call the overhead is one feature pass and one small matrix product over the block.
+    """
+
+    name = "tspd"
+    Config = TSPDConfig
+
+    def __init__(self, config: TSPDConfig | None = None, controller=None):
+        super().__init__(config)
+        # a controller object given here (tests, notebooks) takes precedence over any folder
+        self.controller = controller
+        self._given = controller is not None
+        self._loaded: tuple | None = None  # (folder, mtime) of the controller loaded from disk
+        self.extrapolation = ConfidenceExtrapolation(CEConfig()) if self.config.ce else None
+        self.tracker = FeatureTracker(window=getattr(controller, "window", 1))
+
+    def controller_folder(self, model) -> Path:
+        from unmask.training.controller import default_controller_dir
+
+        if self.config.controller:
+            return Path(self.config.controller).expanduser()
+        if not getattr(model, "path", None):
+            raise UnmaskError(
+                f"model {getattr(model, 'name', '?')} has no folder to find a TSPD controller in; "
+                "pass tspd:controller=PATH",
+                field="controller",
+            )
+        return default_controller_dir(model.path, self.config.drop)
+
+    def unavailable(self, model) -> str | None:
+        if self._given:
+            return None
+        from unmask.training.controller import CONFIG_FILE
+
+        try:
+            folder = self.controller_folder(model)
+        except UnmaskError as exc:
+            return str(exc)
+        if not (folder / CONFIG_FILE).exists():
+            return f"no TSPD controller in {folder}; train one with `unmask train collect-traces` and `unmask train controller`"
+        return None
+
+    def prepare(self, model, prompts, decode_config) -> None:
+        if not self._given:
+            from unmask.training.controller import CONFIG_FILE, load_controller
+
+            folder = self.controller_folder(model)
+            stamp = (str(folder), os.path.getmtime(folder / CONFIG_FILE) if (folder / CONFIG_FILE).exists() else None)
+            if self._loaded != stamp:
+                self.controller, _ = load_controller(folder)
+                self._loaded = stamp
+        self._check_groups()
+        if hasattr(self.controller, "to"):
+            self.controller.to(model.device)
+        self.tracker = FeatureTracker(window=self.controller.window)
+
+    def _check_groups(self) -> None:
+        expected = set(groups_without(self.config.drop))
+        trained = set(self.controller.groups)
+        if trained != expected:
+            missing = sorted(set(FEATURE_GROUPS) - trained)
+            how = f"without {', '.join(missing)}" if missing else "with every feature group"
+            want = f"--drop {self.config.drop}" if self.config.drop else "no --drop"
+            raise UnmaskError(
+                f"the TSPD controller was trained {how}, but this strategy asks for drop={self.config.drop}; "
+                f"train one with `unmask train controller {want}` or change drop",
+                field="drop",
+            )
+
+    def init_state(self, batch_size, gen_length, device):
+        state = {"features": self.tracker.init_state(batch_size, gen_length, device)}
+        if self.extrapolation is not None:
+            state["ce"] = self.extrapolation.init_state(batch_size, gen_length, device)
+        return state
+
+    def decide(self, view, state):
+        if self.controller is None:
+            raise UnmaskError("tspd has no controller; decode through `generate` so that it is loaded", field="controller")
+        observation = self.tracker.update(view, state["features"])
+        prob = self.controller.probability(observation.windows)  # (b, block)
+        base = view.masked & (prob > self.config.tau)
+        if self.extrapolation is None:
+            return Decision(commit=with_progress(base, prob, view.masked))
+        verdict = self.extrapolation.verdict(view, state["ce"], observation)
+        commit = (base | verdict.lookahead) & ~verdict.hold
+        commit = with_progress(commit, prob, view.masked)
+        events = {
+            "ce_lookahead": (commit & verdict.lookahead & ~base).sum(-1).float(),
+            "ce_holds": (base & verdict.hold & ~commit).sum(-1).float(),
+        }
+        return Decision(commit=commit, events=events)
