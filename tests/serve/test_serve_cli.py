@@ -1,0 +1,31 @@
+"""`unmask serve` argument handling: defaults bind this machine only; bad settings fail before loading."""
+
+import argparse
+
+import pytest
+
+from unmask.errors import UnmaskError
+from unmask.serve.cli import _loopback, add_serve_parser, run_serve
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["serve", *argv])
+
+
+def test_defaults_bind_loopback_on_port_8000():
+    args = _parse([])
+    assert (args.host, args.port, args.strategy, args.model) == ("127.0.0.1", 8000, "low_confidence", None)
+    assert _loopback(args.host) and _loopback("::1") and _loopback("localhost") and not _loopback("0.0.0.0")
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--strategy", "nope", "--model", "/does/not/exist"], "unknown strategy"),
+    (["--strategy", "threshold:tau=3", "--model", "/does/not/exist"], "tau"),
+    (["--port", "70000"], "--port"),
+    (["--max-batch-size", "0"], "--max-batch-size"),
+])
+def test_bad_settings_fail_with_one_sentence_before_the_model_loads(argv, words):
+    with pytest.raises(UnmaskError, match=words.replace("-", r"\-")):
+        run_serve(_parse(argv))
