@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default="runs/bench", help="output folder for results.json, results.md, pareto.png")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--backend", default="local", choices=("local", "ray"),
+                   help="local: decode in this process; ray: one actor per GPU (or CPU slot) of a Ray cluster")
+    p.add_argument("--address", default=None,
+                   help="with --backend ray: the cluster to join (auto, ray://host:10001); default: start Ray here")
     _decode_args(p)
 
     from unmask.training.cli import add_train_parser
@@ -66,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     from unmask.evaluation.cli import add_lm_eval_parser
 
     add_lm_eval_parser(sub)
+
+    from unmask.serve.cli import add_serve_parser
+    from unmask.viz.cli import add_viz_parser
+
+    add_serve_parser(sub)
+    add_viz_parser(sub)
     return parser
 
 
@@ -117,6 +127,7 @@ def cmd_bench(args) -> int:
         strategies=args.strategies or default_strategies(), limit=args.limit, seed=args.seed,
         gen_length=args.gen_length, block_length=args.block_length, batch_size=args.batch_size, out=args.out,
         device=args.device, dtype=args.dtype, cache=args.cache, trust_remote_code=args.trust_remote_code,
+        backend=args.backend, address=args.address, skip_unavailable=not args.strategies,
     )
     run_bench(cfg, progress=not args.quiet)
     out = Path(args.out)
@@ -135,6 +146,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command == "serve":
+            from unmask.serve.cli import run_serve
+
+            return run_serve(args)
+        if args.command == "viz":
+            from unmask.viz.cli import run_viz
+
+            return run_viz(args)
         if args.command == "lm-eval":
             from unmask.evaluation.cli import run_lm_eval
 

@@ -4,6 +4,10 @@ Results follow DESIGN.md's contract (`results.json`, `results.md`, `pareto.png`)
 problem is appended to `problems.jsonl` in the output folder as soon as its batch is decoded, so an
 interrupted run resumes where it stopped: finished (strategy, problem) pairs are never recomputed
 or counted twice, and `results.json` is rebuilt from them.
+
+Two backends share everything but the scheduling: `local` decodes the chunks one after another in
+this process; `ray` (`unmask.bench.ray_backend`) hands the same chunks to one actor per GPU or CPU
+slot. Both decode and score a chunk with `decode_chunk`, and both record through `ProblemLog`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from unmask.bench.stats import wilson_interval
 from unmask.decoding import DecodeConfig, generate, parse_strategy
 from unmask.decoding.redundancy import r_total
 from unmask.errors import UnmaskError
+
+BACKENDS = ("local", "ray")
+
 
 def default_strategies() -> list[str]:
     """Every registered policy at its defaults (the main job's comparison)."""
@@ -48,6 +55,11 @@ class BenchConfig:
     dtype: str | None = None
     cache: str = "none"
     trust_remote_code: bool = False
+    # with the default strategy list, a policy that lacks a trained part for this model (tspd
+    # without a controller) is skipped with a note instead of stopping the run
+    skip_unavailable: bool = False
+    backend: str = "local"  # "local" (this process) or "ray" (one actor per GPU or CPU slot)
+    address: str | None = None  # Ray cluster to join ("auto", "ray://host:10001"); None starts one here
 
     def validate(self) -> None:
         if self.limit is not None and self.limit <= 0:
@@ -56,6 +68,10 @@ class BenchConfig:
             raise UnmaskError(f"--batch-size must be a positive integer, got {self.batch_size}", field="batch_size")
         if not self.strategies:
             raise UnmaskError("no strategy given; pass --strategy NAME at least once", field="strategy")
+        if self.backend not in BACKENDS:
+            raise UnmaskError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}", field="backend")
+        if self.address is not None and self.backend != "ray":
+            raise UnmaskError("--address names a Ray cluster; pass it together with --backend ray", field="address")
 
 
 def device_description(device: torch.device) -> str:
@@ -95,10 +111,14 @@ class ProblemLog:
             path.write_text(json.dumps({"header": header}) + "\n")
 
     def add(self, records: list[dict]) -> None:
+        """Append `records`, skipping any (strategy key, problem) already held: a row is counted once."""
         with self.path.open("a") as fh:
             for rec in records:
+                held = self.done.setdefault(rec["key"], {})
+                if rec["problem_id"] in held:
+                    continue
                 fh.write(json.dumps(rec) + "\n")
-                self.done.setdefault(rec["key"], {})[rec["problem_id"]] = rec
+                held[rec["problem_id"]] = rec
 
 
 def _diff(old: dict, new: dict) -> str:
@@ -143,9 +163,29 @@ def redundancy(records: list[dict]) -> dict[str, float]:
     return out
 
 
-def run_bench(cfg: BenchConfig, progress: bool = True, on_row: Callable[[dict], None] | None = None) -> dict[str, Any]:
-    """Run every strategy of `cfg` on the same problems; write and return results.json's content."""
-    from unmask.models import load_model
+def decode_chunk(model, task, policy, chunk: list, *, gen_length: int, block_length: int, seed: int, cache: str) -> list[dict]:
+    """Decode and score one chunk of problems with one policy: the records `problems.jsonl` holds.
+
+    The one place a bench decodes; the local loop calls it in this process, each Ray actor in its own.
+    """
+    key = strategy_key(policy.name, policy.params)
+    result = generate(
+        model, [task.messages(p) for p in chunk], policy,
+        gen_length=gen_length, block_length=block_length, seed=seed, cache=cache,
+    )
+    share = result.wall_s / len(chunk)
+    records = []
+    for problem, seq in zip(chunk, result.sequences):
+        records.append({
+            "key": key, "problem_id": problem.id, "score": float(task.score(problem, seq.text)), "nfe": seq.nfe,
+            "rows": seq.rows, "decided": seq.decided, "useful_tokens": seq.useful_tokens, "latency_s": seq.latency_s,
+            "batch_share_s": share, "text": seq.text, "events": seq.events,
+        })
+    return records
+
+
+def prepare(cfg: BenchConfig) -> tuple[list, Any, list]:
+    """Validate `cfg` and pick the problems: (policies, task, problems), before any model loads."""
     from unmask.tasks import get_task
 
     cfg.validate()
@@ -154,55 +194,73 @@ def run_bench(cfg: BenchConfig, progress: bool = True, on_row: Callable[[dict], 
     problems = task.problems(cfg.split, limit=cfg.limit, seed=cfg.seed)
     if not problems:
         raise UnmaskError(f"task {cfg.task} has no problems in split {cfg.split}")
+    return policies, task, problems
+
+
+def usable(cfg: BenchConfig, reasons: list[str | None]) -> list[int]:
+    """Indices of the strategies that can run, given why each cannot (None: it can) on the loaded model."""
+    keep = []
+    for i, (spec, reason) in enumerate(zip(cfg.strategies, reasons)):
+        if reason is None:
+            keep.append(i)
+        elif cfg.skip_unavailable:
+            print(f"skipping {spec}: {reason}")
+        else:
+            raise UnmaskError(f"strategy {spec} cannot run on this model: {reason}", field="strategy")
+    return keep
+
+
+def run_header(cfg: BenchConfig, model_name: str, gen_length: int, block_length: int) -> dict[str, Any]:
+    """What identifies a run's problems.jsonl: a folder only resumes a run with this same header."""
+    return {
+        "model": model_name, "task": cfg.task, "split": cfg.split, "limit": cfg.limit, "seed": cfg.seed,
+        "gen_length": gen_length, "block_length": block_length, "cache": cfg.cache,
+    }
+
+
+def results_of(cfg: BenchConfig, header: dict, device: str, rows: list[dict]) -> dict[str, Any]:
+    """results.json's content (DESIGN.md's contract) from the per-strategy rows."""
+    return {
+        "model": header["model"], "task": cfg.task, "split": cfg.split, "device": device,
+        "limit": cfg.limit, "seed": cfg.seed, "gen_length": header["gen_length"], "block_length": header["block_length"],
+        "batch_size": cfg.batch_size, "cache": cfg.cache, "backend": cfg.backend, "rows": rows,
+    }
+
+
+def run_bench(cfg: BenchConfig, progress: bool = True, on_row: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Run every strategy of `cfg` on the same problems; write and return results.json's content."""
+    if cfg.backend == "ray":
+        from unmask.bench.ray_backend import run_bench_ray
+
+        return run_bench_ray(cfg, progress=progress, on_row=on_row)
+    from unmask.models import load_model
+
+    policies, task, problems = prepare(cfg)
     model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    policies = [policies[i] for i in usable(cfg, [p.unavailable(model) for p in policies])]
     decode = DecodeConfig(gen_length=cfg.gen_length, block_length=cfg.block_length, cache=cfg.cache).resolved(model.defaults)
     gen_length, block_length = decode.gen_length, decode.block_length
     out = Path(cfg.out)
-    header = {
-        "model": model.name, "task": cfg.task, "split": cfg.split, "limit": cfg.limit, "seed": cfg.seed,
-        "gen_length": gen_length, "block_length": block_length, "cache": cfg.cache,
-    }
+    header = run_header(cfg, model.name, gen_length, block_length)
     log = ProblemLog(out / "problems.jsonl", header)
     rows = []
     for policy in policies:
         key = strategy_key(policy.name, policy.params)
-        done = log.done.get(key, {})
-        todo = [p for p in problems if p.id not in done]
+        todo = [p for p in problems if p.id not in log.done.get(key, {})]
         bar = _progress(policy.describe(), len(problems), len(problems) - len(todo), progress)
-        correct = sum(done[p.id]["score"] for p in problems if p.id in done)
-        finished = len(problems) - len(todo)
         for start in range(0, len(todo), cfg.batch_size):
             chunk = todo[start : start + cfg.batch_size]
-            result = generate(
-                model, [task.messages(p) for p in chunk], policy,
-                gen_length=gen_length, block_length=block_length, seed=cfg.seed, cache=cfg.cache,
-            )
-            share = result.wall_s / len(chunk)
-            records = []
-            for problem, seq in zip(chunk, result.sequences):
-                score = float(task.score(problem, seq.text))
-                correct += score
-                records.append({
-                    "key": key, "problem_id": problem.id, "score": score, "nfe": seq.nfe, "rows": seq.rows,
-                    "decided": seq.decided, "useful_tokens": seq.useful_tokens, "latency_s": seq.latency_s,
-                    "batch_share_s": share, "text": seq.text, "events": seq.events,
-                })
-            log.add(records)
-            finished += len(chunk)
-            if bar is not None:
-                bar.update(len(chunk))
-                bar.set_postfix(acc=f"{correct / finished:.3f}")
+            log.add(decode_chunk(
+                model, task, policy, chunk, gen_length=gen_length, block_length=block_length, seed=cfg.seed, cache=cfg.cache,
+            ))
+            _advance(bar, log.done.get(key, {}), len(chunk))
         if bar is not None:
             bar.close()
         row = summarize(policy.name, policy.params, [log.done[key][p.id] for p in problems])
         rows.append(row)
         if on_row is not None:
             on_row(row)
-    results = {
-        "model": model.name, "task": cfg.task, "split": cfg.split, "device": device_description(model.device),
-        "limit": cfg.limit, "seed": cfg.seed, "gen_length": gen_length, "block_length": block_length,
-        "batch_size": cfg.batch_size, "cache": cfg.cache, "rows": rows,
-    }
+    results = results_of(cfg, header, device_description(model.device), rows)
     write_results(results, out)
     return results
 
@@ -216,12 +274,23 @@ def write_results(results: dict, out: Path) -> None:
     write_pareto(results, out / "pareto.png")
 
 
-def _progress(desc: str, total: int, initial: int, enabled: bool):
+def _progress(desc: str, total: int, initial: int, enabled: bool, position: int | None = None):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc[:48], unit="problem", leave=True, dynamic_ncols=True)
+    return tqdm(
+        total=total, initial=initial, desc=desc[:48], unit="problem", leave=True, dynamic_ncols=True, position=position,
+    )
+
+
+def _advance(bar, done: dict[str, dict], n: int) -> None:
+    """Move a strategy's bar by `n` problems and show its running accuracy over every finished one."""
+    if bar is None:
+        return
+    bar.update(n)
+    if done:
+        bar.set_postfix(acc=f"{sum(r['score'] for r in done.values()) / len(done):.3f}")
 
 
 __all__ = ["BenchConfig", "run_bench", "summarize", "write_results", "asdict"]
