@@ -20,7 +20,7 @@ def _decide(strategy, probs, masked=None, stable=None, state=None):
     return policy, policy.decide(view, state), state
 
 
-ONLY_CLUSTER = "r2:tau=0.99,conf_window=0,ambiguity_radius=0,k=99"
+ONLY_CLUSTER = "r2:tau=0.99,conf_window=0,ambiguity_radius=0,k=64"
 
 
 def test_a_cluster_of_three_equal_tokens_commits_exactly_one_position_the_most_confident():
@@ -54,10 +54,10 @@ def test_positional_ambiguity_commits_spread_mass_once_at_the_best_place():
         probs[i, 1:] = rest
         for token, p in row.items():
             probs[i, token] = p
-    _, decision, _ = _decide("r2:conf_window=0,k=99", probs)
+    _, decision, _ = _decide("r2:conf_window=0,k=64", probs)
     assert decision.commit[0].tolist() == [True, True, False, False]
     assert decision.events["ambiguity_merges"].tolist() == [1.0]
-    _, without, _ = _decide("r2:conf_window=0,k=99,ambiguity_radius=0", probs)
+    _, without, _ = _decide("r2:conf_window=0,k=64,ambiguity_radius=0", probs)
     assert without.commit[0].tolist() == [True, False, False, False]
 
 
@@ -88,7 +88,7 @@ def test_temporal_statistic_over_the_window(stat, commits):
 
 def test_confidence_window_commits_a_window_whose_mean_clears_tau_s():
     probs = _probs([2, 3, 4, 5, 6, 7], [0.95, 0.9, 0.7, 0.3, 0.2, 0.1])
-    _, decision, _ = _decide("r2:tau=0.99,ambiguity_radius=0,k=99", probs)
+    _, decision, _ = _decide("r2:tau=0.99,ambiguity_radius=0,k=64", probs)
     assert decision.commit[0].tolist() == [True, True, True, False, False, False]  # mean 0.85 >= 0.8
 
 
