@@ -22,15 +22,6 @@ GEN = 16
 BLOCK = 8
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run far faster on one thread, above all on a shared 2-core machine (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def llada() -> DiffusionLM:
     return tiny_llada(d_model=32, n_layers=2, seed=0, gen_length=GEN, block_length=BLOCK)

@@ -24,15 +24,6 @@ from unmask.models import load_model  # noqa: E402
 UnmaskLM = register()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model is latency-bound: one CPU thread is faster, and fair to a busy machine."""
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 STRATEGY = "threshold:tau=0.9;temperature=0"  # `;` between strategy parameters inside model_args
 QUESTIONS = ["how many apples", "tom has 3 pens and ann has 2 pens so", "what is 3 plus 4 ?", "sam gave ann"]
 MC_DOCS = [

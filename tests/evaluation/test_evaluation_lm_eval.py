@@ -22,17 +22,6 @@ from unmask.evaluation import register  # noqa: E402
 UnmaskLM = register()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model is latency-bound: one CPU thread is faster, and fair to a busy machine."""
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def _ll_requests(pairs):
     return [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
 

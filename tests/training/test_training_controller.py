@@ -30,14 +30,6 @@ from unmask.training.controller_cli import add_controller_commands, run_controll
 from unmask.training.traces import TraceData, collect, load_traces, save_traces
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------------------------
 # labels
 
