@@ -10,7 +10,17 @@ BOUND = "oracle"
 
 
 def _label(row: dict) -> str:
-    params = ",".join(f"{k}={v}" for k, v in row["params"].items() if not (k == "temperature" and v == 0.0) and v is not None)
+    """`name` or `name:key=value` with only the parameters that differ from the policy's defaults."""
+    from dataclasses import asdict
+
+    from unmask.decoding.registry import policy_class
+
+    try:
+        defaults = asdict(policy_class(row["strategy"]).Config())
+    except Exception:  # a policy not registered in this process: show every parameter
+        defaults = {}
+    changed = {k: v for k, v in row["params"].items() if k not in defaults or defaults[k] != v}
+    params = ",".join(f"{k}={v}" for k, v in changed.items())
     return f"{row['strategy']}:{params}" if params else row["strategy"]
 
 
@@ -78,5 +88,5 @@ def write_pareto(results: dict, path: Path) -> None:
     if front or any(r["strategy"] == BOUND for r in rows):
         ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
