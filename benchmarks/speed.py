@@ -71,4 +71,12 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import sys
+
+    from unmask.errors import UnmaskError
+
+    try:
+        raise SystemExit(main())
+    except UnmaskError as exc:
+        sys.stderr.write(f"speed: error: {exc}\n")
+        raise SystemExit(2)
