@@ -408,3 +408,18 @@ def make_view(probs, masked=None, stable=None, mask_id: int = 0, block_step: int
         stop_ids=(1,),
         generators=[torch.Generator().manual_seed(0) for _ in range(batch)],
     )
+
+
+def assert_left_padding_is_invisible(model: DiffusionLM, rows: list[list[int]], tol: float = 1e-4) -> None:
+    """Left-pad `rows` into one batch and check each row's logits equal those of the row alone."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), model.pad_id)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row) :] = torch.tensor(row)
+        mask[b, width - len(row) :] = True
+    with torch.no_grad():
+        batched = model.logits(ids, attention_mask=mask)
+        for b, row in enumerate(rows):
+            alone = model.logits(torch.tensor([row]))[0]
+            torch.testing.assert_close(batched[b, width - len(row) :], alone, rtol=tol, atol=tol)

@@ -9,7 +9,7 @@ from unmask.errors import UnmaskError
 from unmask.models.dream import DreamConfig
 from unmask.models.loading import INDEX_FILE, load_model
 from unmask.models.tokenizer import Tokenizer
-from unmask.testing import reference_dream_logits, tiny_dream, tiny_dream_tokenizer, write_tiny_dream
+from unmask.testing import assert_left_padding_is_invisible, reference_dream_logits, tiny_dream, tiny_dream_tokenizer, write_tiny_dream
 
 # every key of Dream-v0-Instruct-7B's config.json
 DREAM_CONFIG_KEYS = {
@@ -109,19 +109,8 @@ def test_left_padded_batch_matches_rows_alone():
     model = tiny_dream()
     tok = tiny_dream_tokenizer().hf
     rows = [tok.encode("tom has 3 apples and ann gets 2"), tok.encode("how many"), tok.encode("what is 5 + 7 ?")]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), model.pad_id)
-    mask = torch.zeros(len(rows), width, dtype=torch.bool)
-    for b, row in enumerate(rows):
-        ids[b, width - len(row) :] = torch.tensor(row)
-        mask[b, width - len(row) :] = True
-    with torch.no_grad():
-        batched = model.logits(ids, attention_mask=mask)
-        for b, row in enumerate(rows):
-            alone = model.logits(torch.tensor([row]))[0]
-            start = width - len(row)
-            # every real position, the first included (it keeps its own row, never the pad's before it)
-            torch.testing.assert_close(batched[b, start:], alone, rtol=1e-4, atol=1e-4)
+    # every real position, the first included (it keeps its own row, never the pad's before it)
+    assert_left_padding_is_invisible(model, rows)
 
 
 def test_dtype_default_and_bf16(sharded):

@@ -7,7 +7,7 @@ import torch
 
 from unmask.errors import UnmaskError
 from unmask.models.loading import load_model
-from unmask.testing import tiny_tokenizer
+from unmask.testing import assert_left_padding_is_invisible, tiny_tokenizer
 
 
 def write_tiny_bert(path, seed: int = 0):
@@ -64,17 +64,7 @@ def test_adapter_left_padded_batch_matches_rows_alone(bert):
     path, _, tokenizer = bert
     model = load_model(str(path), device="cpu")
     rows = [tokenizer.encode("tom has 3 apples"), tokenizer.encode("how many pens does ann have ?")]
-    width = max(len(r) for r in rows)
-    ids = torch.full((2, width), model.pad_id)
-    mask = torch.zeros(2, width, dtype=torch.bool)
-    for b, row in enumerate(rows):
-        ids[b, width - len(row) :] = torch.tensor(row)
-        mask[b, width - len(row) :] = True
-    with torch.no_grad():
-        batched = model.logits(ids, attention_mask=mask)
-        for b, row in enumerate(rows):
-            alone = model.logits(torch.tensor([row]))[0]
-            torch.testing.assert_close(batched[b, width - len(row) :], alone, rtol=1e-4, atol=1e-4)
+    assert_left_padding_is_invisible(model, rows)
 
 
 def test_adapter_reads_config_flags_and_dtype(bert, tmp_path):

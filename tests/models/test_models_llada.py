@@ -8,7 +8,7 @@ import torch
 from unmask.models.base import DiffusionLM
 from unmask.models.llada import LLaDAConfig, LLaDANetwork
 from unmask.models.loading import INDEX_FILE, load_model, save_checkpoint
-from unmask.testing import reference_llada_logits, tiny_llada, tiny_tokenizer, write_tiny_llada
+from unmask.testing import assert_left_padding_is_invisible, reference_llada_logits, tiny_llada, tiny_tokenizer, write_tiny_llada
 
 # every key of LLaDA-8B-Instruct's config.json
 LLADA_CONFIG_KEYS = {
@@ -105,17 +105,7 @@ def test_left_padded_batch_matches_rows_alone():
     model = tiny_llada(n_kv_heads=2)
     tok = tiny_tokenizer().hf
     rows = [tok.encode("tom has 3 apples and ann gets 2"), tok.encode("how many"), tok.encode("what is 5 + 7 ?")]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), model.pad_id)
-    mask = torch.zeros(len(rows), width, dtype=torch.bool)
-    for b, row in enumerate(rows):
-        ids[b, width - len(row) :] = torch.tensor(row)
-        mask[b, width - len(row) :] = True
-    with torch.no_grad():
-        batched = model.logits(ids, attention_mask=mask)
-        for b, row in enumerate(rows):
-            alone = model.logits(torch.tensor([row]))[0]
-            torch.testing.assert_close(batched[b, width - len(row) :], alone, rtol=1e-4, atol=1e-4)
+    assert_left_padding_is_invisible(model, rows)
 
 
 def test_dtype_default_and_bf16(sharded):
