@@ -3,21 +3,12 @@
 import threading
 
 import pytest
-import torch
 
 from unmask.decoding import generate
 from unmask.errors import UnmaskError
 from unmask.serve import AnswerTracker, Engine, EngineConfig, EngineStopped, GenerationRequest, QueueFull, take_batch
 from unmask.serve.engine import BatchKey, Job
 from unmask.testing import tiny_llada
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _job(key, cancelled=False):

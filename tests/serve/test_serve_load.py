@@ -21,14 +21,6 @@ PROMPTS = ["tom has 5 apples", "hello world", "what is 3 plus 4", "sam buys 2 pe
            "print x", "how many cats", "the dogs gave the books to ann", "def f ( x ) : return x * 2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def load_cases() -> list[LoadCase]:
     """Three batch groups (strategy/seed/length), both endpoints, truncation and stop strings."""
     cases = []

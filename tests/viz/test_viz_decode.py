@@ -6,7 +6,6 @@ import re
 
 import numpy as np
 import pytest
-import torch
 
 from unmask.decoding import generate
 from unmask.decoding.trace import Trace
@@ -16,14 +15,6 @@ from unmask.viz import render_decode, render_trace
 from unmask.viz.cli import add_viz_parser, run_viz
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def label(tokenizer, token_id):
