@@ -40,6 +40,9 @@ class KVCache:
 
     def partial(self, rows: torch.Tensor, query_pos: torch.Tensor, read_only: bool = False) -> "KVCache":
         self.rows, self.query_pos, self.read_only = rows, query_pos, read_only
+        # every sequence in order (batch 1, or a full batch): the stored tensors serve as they are
+        self._all_rows = rows.shape[0] == self.batch_size and bool(
+            (rows == torch.arange(self.batch_size, device=rows.device)).all())
         return self
 
     # -- called by every attention layer ---------------------------------------------------------
@@ -64,4 +67,6 @@ class KVCache:
             return full_k, full_v, self.key_mask[rows]
         stored_k[rows[:, None], :, index] = k.transpose(1, 2)
         stored_v[rows[:, None], :, index] = v.transpose(1, 2)
+        if self._all_rows:
+            return stored_k, stored_v, self.key_mask
         return stored_k[rows], stored_v[rows], self.key_mask[rows]

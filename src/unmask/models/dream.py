@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unmask.errors import UnmaskError
-from unmask.models.layers import RMSNorm, SelfAttention
+from unmask.models.layers import RMSNorm, SelfAttention, rope_cos_sin
 from unmask.models.loading import Architecture, register_architecture
 
 
@@ -114,8 +114,8 @@ class DreamAttention(nn.Module):
         self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
         self.attn = SelfAttention(cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim, cfg.rope_theta)
 
-    def forward(self, x, position_ids, key_mask, cache=None):
-        out = self.attn(self.q_proj(x), self.k_proj(x), self.v_proj(x), position_ids, key_mask, cache, self.layer_idx)
+    def forward(self, x, rope, key_mask, cache=None):
+        out = self.attn(self.q_proj(x), self.k_proj(x), self.v_proj(x), rope, key_mask, cache, self.layer_idx)
         return self.o_proj(out)
 
 
@@ -138,8 +138,8 @@ class DreamBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = DreamMLP(cfg)
 
-    def forward(self, x, position_ids, key_mask, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), position_ids, key_mask, cache)
+    def forward(self, x, rope, key_mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, key_mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -159,8 +159,9 @@ class DreamNetwork(nn.Module):
 
     def forward(self, input_ids, position_ids, key_mask=None, cache=None):
         x = self.model.embed_tokens(input_ids)
+        rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, position_ids, key_mask, cache)
+            x = layer(x, rope, key_mask, cache)
         x = self.model.norm(x)
         if self.config.tie_word_embeddings:
             return F.linear(x, self.model.embed_tokens.weight)

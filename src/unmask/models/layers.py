@@ -71,12 +71,13 @@ class SelfAttention(nn.Module):
         self.head_dim = head_dim
         self.rope_theta = rope_theta
 
-    def forward(self, q, k, v, position_ids, key_mask, cache=None, layer_idx: int = 0):
+    def forward(self, q, k, v, rope, key_mask, cache=None, layer_idx: int = 0):
+        """`rope`: the (cos, sin) pair of `rope_cos_sin`, computed once per network call for all layers."""
         batch, seq, _ = q.shape
         q = q.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rope_cos_sin(position_ids, self.head_dim, self.rope_theta, q.dtype)
+        cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             # the cache merges these keys/values with the stored ones and says which keys are live

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unmask.errors import UnmaskError
-from unmask.models.layers import RMSNorm, SelfAttention
+from unmask.models.layers import RMSNorm, SelfAttention, rope_cos_sin
 
 
 @dataclass
@@ -100,9 +100,9 @@ class LLaDABlock(nn.Module):
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, cfg.d_model, bias=False)
         self.attn = SelfAttention(cfg.n_heads, cfg.kv_heads, head_dim, cfg.rope_theta)
 
-    def forward(self, x, position_ids, key_mask, cache=None):
+    def forward(self, x, rope, key_mask, cache=None):
         h = self.attn_norm(x)
-        att = self.attn(self.q_proj(h), self.k_proj(h), self.v_proj(h), position_ids, key_mask, cache, self.layer_idx)
+        att = self.attn(self.q_proj(h), self.k_proj(h), self.v_proj(h), rope, key_mask, cache, self.layer_idx)
         x = x + self.attn_out(att)
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
@@ -130,8 +130,10 @@ class LLaDANetwork(nn.Module):
     def forward(self, input_ids, position_ids, key_mask=None, cache=None):
         t = self.model.transformer
         x = t.wte(input_ids)
+        cfg = self.config
+        rope = rope_cos_sin(position_ids, cfg.d_model // cfg.n_heads, cfg.rope_theta, x.dtype)
         for block in t.blocks:
-            x = block(x, position_ids, key_mask, cache)
+            x = block(x, rope, key_mask, cache)
         x = t.ln_f(x)
         if self.config.weight_tying:
             return F.linear(x, t.wte.weight)
