@@ -13,7 +13,7 @@ from unmask.bench.ray_backend import run_bench_ray  # noqa: E402
 from unmask.errors import UnmaskError  # noqa: E402
 
 STRATEGIES = ["low_confidence", "threshold:tau=0.5", "oracle"]
-TIMING = ("tokens_per_s", "latency_s")
+TIMING = ("tokens_per_s", "latency_s", "policy_time_frac")
 
 
 @pytest.fixture(scope="module")

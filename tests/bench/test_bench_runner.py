@@ -34,6 +34,7 @@ def test_writes_the_three_files_with_contract_fields(tiny_checkpoint, tmp_path):
         lo, hi = row["accuracy_ci"]
         assert 0.0 <= lo <= row["accuracy"] <= hi <= 1.0
         assert row["tpf"] == pytest.approx(16 / row["nfe"], rel=1e-6)
+        assert 0.0 < row["policy_time_frac"] < 1.0
     assert on_disk["rows"][1]["params"]["tau"] == 0.5
     assert on_disk["rows"][0]["nfe"] == 16  # one token per step over gen_length 16
     md = (tmp_path / "results.md").read_text()
@@ -79,7 +80,7 @@ def test_interrupted_run_resumes_without_recomputing_or_duplicating(tiny_checkpo
 
     monkeypatch.setattr(runner, "generate", real)
     fresh = run_bench(_cfg(tiny_checkpoint, tmp_path / "fresh"), progress=False)
-    strip = lambda res: [{k: v for k, v in row.items() if k not in ("tokens_per_s", "latency_s")} for row in res["rows"]]
+    strip = lambda res: [{k: v for k, v in row.items() if k not in ("tokens_per_s", "latency_s", "policy_time_frac")} for row in res["rows"]]
     assert strip(resumed) == strip(fresh)
 
 

@@ -25,3 +25,13 @@ def test_on_block_reports_each_final_block_in_order_and_cancel_removes_a_sequenc
     first, second = result.sequences
     assert first.cancelled and first.nfe < 16 and model.mask_id in first.tokens
     assert not second.cancelled and second.nfe == 16 and model.mask_id not in second.tokens
+
+
+def test_the_loop_splits_its_time_between_model_and_policy():
+    from unmask.testing import tiny_llada
+
+    model = tiny_llada(gen_length=16, block_length=4)
+    result = generate(model, ["hello world", "tom has 5 apples"], "psd")
+    seconds = result.extras
+    assert seconds["model_s"] > 0 and seconds["policy_s"] > 0
+    assert seconds["model_s"] + seconds["policy_s"] < result.wall_s

@@ -41,15 +41,15 @@ def write_markdown(results: dict, path: Path) -> None:
         f"block {results.get('block_length')}, batch {results.get('batch_size')}, cache {results.get('cache')}, "
         f"device {results['device']}. ★ = on the accuracy/NFE frontier.",
         "",
-        "| | strategy | accuracy (95% CI) | NFE | rows | TPF | tokens/row | useful tokens | tokens/s | latency s | R_total |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| | strategy | accuracy (95% CI) | NFE | rows | TPF | tokens/row | useful tokens | tokens/s | latency s | policy % | R_total |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, r in enumerate(rows):
         mark = "★" if i in front else ("bound" if r["strategy"] == BOUND else "")
         lo, hi = r["accuracy_ci"]
         lines.append(
             f"| {mark} | `{_label(r)}` | {r['accuracy']:.3f} ({lo:.3f}–{hi:.3f}) | {r['nfe']:.2f} | {r['rows']:.2f} | "
-            f"{r['tpf']:.2f} | {r.get('tokens_per_row', 0):.2f} | {r['useful_tokens']:.1f} | {r['tokens_per_s']:.1f} | {r['latency_s']:.3f} | {r.get('redundancy', {}).get('r_total', 0.0):.1f} |"
+            f"{r['tpf']:.2f} | {r.get('tokens_per_row', 0):.2f} | {r['useful_tokens']:.1f} | {r['tokens_per_s']:.1f} | {r['latency_s']:.3f} | {100 * r.get('policy_time_frac', 0.0):.1f} | {r.get('redundancy', {}).get('r_total', 0.0):.1f} |"
         )
     extra = results.get("report_extra")
     if extra:

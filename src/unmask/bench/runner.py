@@ -150,6 +150,8 @@ def summarize(name: str, params: dict, records: list[dict]) -> dict[str, Any]:
         "useful_tokens": mean("useful_tokens"),
         "tokens_per_s": useful / wall if wall > 0 else 0.0,
         "latency_s": mean("latency_s"),
+        # share of decode time spent in the policy's decisions (controller, forecaster, rules)
+        "policy_time_frac": sum(r.get("policy_share_s", 0.0) for r in records) / wall if wall > 0 else 0.0,
         "redundancy": redundancy(records),
     }
 
@@ -174,12 +176,13 @@ def decode_chunk(model, task, policy, chunk: list, *, gen_length: int, block_len
         gen_length=gen_length, block_length=block_length, seed=seed, cache=cache,
     )
     share = result.wall_s / len(chunk)
+    policy_share = result.extras.get("policy_s", 0.0) / len(chunk)
     records = []
     for problem, seq in zip(chunk, result.sequences):
         records.append({
             "key": key, "problem_id": problem.id, "score": float(task.score(problem, seq.text)), "nfe": seq.nfe,
             "rows": seq.rows, "decided": seq.decided, "useful_tokens": seq.useful_tokens, "latency_s": seq.latency_s,
-            "batch_share_s": share, "text": seq.text, "events": seq.events,
+            "batch_share_s": share, "policy_share_s": policy_share, "text": seq.text, "events": seq.events,
         })
     return records
 

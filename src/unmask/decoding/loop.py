@@ -14,6 +14,7 @@ prompt decodes to the same tokens alone or in any batch.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -191,6 +192,9 @@ class Decoder:
         # step uses them instead of calling the model again. row -> (gen positions, logits there)
         pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._counters = (nfe, rows_count)
+        # seconds inside the model and inside the policy's decisions (the rest is the loop's own
+        # bookkeeping); on a GPU both are taken after a synchronize, so they are true time
+        self._seconds = {"model_s": 0.0, "policy_s": 0.0}
         use_cache = cfg.cache != "none"
         if use_cache and not model.supports_cache:
             raise UnmaskError(f"model {model.name} does not support the KV cache; use --cache none", field="cache")
@@ -251,7 +255,8 @@ class Decoder:
                 stop_ids=tuple(model.stop_ids),
                 generators=row_gens,
             )
-            decision = policy.decide(view, state)
+            with self._timed("policy_s"):
+                decision = policy.decide(view, state)
             commit = decision.commit & masked
             if not policy.remasking:
                 # progress guarantee: a step that commits nothing commits the most confident position
@@ -368,7 +373,22 @@ class Decoder:
                     events={**events[row], "temporal_redundant_steps": float(redundant[row])},
                 )
             )
-        return DecodeResult(sequences=sequences, wall_s=wall, strategy=policy.name, params=policy.params, config=cfg)
+        return DecodeResult(sequences=sequences, wall_s=wall, strategy=policy.name, params=policy.params, config=cfg,
+                            extras=dict(self._seconds))
+
+    @contextlib.contextmanager
+    def _timed(self, key: str):
+        """Add the seconds of the enclosed work to `self._seconds[key]`."""
+        cuda = self.model.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.model.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if cuda:
+                torch.cuda.synchronize(self.model.device)
+            self._seconds[key] += time.perf_counter() - t0
 
     def _forward(self, rows, prompt_len: int, rows_per_seq=1, tokens=None, query_pos=None, cache=None,
                  cache_rows=None, read_only: bool = False) -> torch.Tensor:
@@ -384,11 +404,12 @@ class Decoder:
         canvas, attention, positions, _ = self._canvas
         owners = cache_rows if cache_rows is not None else rows
         tokens = canvas[owners] if tokens is None else tokens
-        if query_pos is None:
-            logits = self.model.logits(tokens, attention[owners], positions[owners],
-                                       cache=cache.fill(owners) if cache is not None else None)[:, prompt_len:]
-        else:
-            logits = self.model.logits_at(tokens, positions[owners], query_pos, cache, read_only=read_only, rows=owners)
+        with self._timed("model_s"):
+            if query_pos is None:
+                logits = self.model.logits(tokens, attention[owners], positions[owners],
+                                           cache=cache.fill(owners) if cache is not None else None)[:, prompt_len:]
+            else:
+                logits = self.model.logits_at(tokens, positions[owners], query_pos, cache, read_only=read_only, rows=owners)
         logits = logits.float()
         logits[..., self.model.mask_id] = float("-inf")  # the mask token is never a prediction
         nfe[rows.cpu()] += 1
@@ -477,7 +498,8 @@ class Decoder:
         verified = (built > 0).nonzero().squeeze(1)
         if verified.numel() == 0:
             # nothing to verify; the policy still hears "depth 0" for every sequence, as in a batch
-            _, events = self.policy.accept(view, state, candidates, candidates.clone())
+            with self._timed("policy_s"):
+                _, events = self.policy.accept(view, state, candidates, candidates.clone())
             return committed_blk, {}, events
         # one canvas per (sequence, level 0..built)
         owner = torch.repeat_interleave(verified, built[verified] + 1)
@@ -503,7 +525,8 @@ class Decoder:
         for k in range(depth_max + 1):
             pick = torch.minimum(torch.full_like(built[verified], k), built[verified])
             draft_top1[verified, k] = top1_rows[starts + pick]
-        depth, events = self.policy.accept(view, state, candidates, draft_top1)
+        with self._timed("policy_s"):
+            depth, events = self.policy.accept(view, state, candidates, draft_top1)
         depth = torch.minimum(depth, built)
         accepted = candidates[torch.arange(b, device=device), depth]
         next_logits = {}
