@@ -55,6 +55,18 @@ def test_a_draft_inconsistent_at_depth_2_keeps_depth_1_exactly():
     assert seq.tokens[3] == WRONG  # the rejected draft token was never committed; the model's later word stands
 
 
+def test_accept_tau_rejects_a_draft_confirmed_only_at_low_probability():
+    # the same consistent drafts as above, but G1's confirming predictions have probability 0.5 and
+    # 0.45: argmax agreement alone accepts them, accept_tau=0.6 does not, and nothing deeper either
+    model = _model()
+    result = generate(model, ["hello"], parse_strategy(PSD + ",accept_tau=0.6"), record_trace=True)
+    seq = result.sequences[0]
+    assert seq.trace.tokens_after[0].tolist() == TARGET[:1] + [MASK] * 7
+    assert seq.tokens == TARGET  # still decodes, just without the weakly confirmed drafts
+    loose = generate(_model(), ["hello"], parse_strategy(PSD + ",accept_tau=0.2")).sequences[0]
+    assert loose.nfe == 2  # every confirmation (0.25 or more) clears 0.2: accepted whole, as with argmax only
+
+
 def test_rows_per_call_equal_the_drafts_built_and_no_call_builds_drafts():
     model = _model()
     result = generate(model, ["hello"], parse_strategy("psd:tau=0.9,group=1,depth=2,adaptive_depth=false"))

@@ -499,7 +499,8 @@ class Decoder:
         if verified.numel() == 0:
             # nothing to verify; the policy still hears "depth 0" for every sequence, as in a batch
             with self._timed("policy_s"):
-                _, events = self.policy.accept(view, state, candidates, candidates.clone())
+                _, events = self.policy.accept(view, state, candidates, candidates.clone(),
+                                               torch.ones(candidates.shape, device=device))
             return committed_blk, {}, events
         # one canvas per (sequence, level 0..built)
         owner = torch.repeat_interleave(verified, built[verified] + 1)
@@ -513,20 +514,25 @@ class Decoder:
         if cache is None:
             logits = self._forward(rows, prompt_len, per_seq, tokens=tokens, cache_rows=idx[owner])
             where_all = torch.arange(gen, device=device)
-            top1_rows = logits.argmax(-1)[torch.arange(owner.shape[0], device=device)[:, None], block_pos[owner]]
+            blk_rows = logits[torch.arange(owner.shape[0], device=device)[:, None], block_pos[owner]]
         else:
             logits = self._forward(rows, prompt_len, per_seq, tokens=tokens, query_pos=block_pos[owner] + prompt_len,
                                    cache=cache, cache_rows=idx[owner], read_only=True)
             where_all = None
-            top1_rows = logits.argmax(-1)
-        # per sequence, the top-1 on each level's canvas (levels it did not build repeat its last)
+            blk_rows = logits
+        top1_rows = blk_rows.argmax(-1)
+        conf_rows = torch.softmax(blk_rows, dim=-1).amax(-1)
+        # per sequence, the top-1 (and its probability) on each level's canvas (levels it did not
+        # build repeat its last)
         starts = torch.cumsum(built[verified] + 1, 0) - (built[verified] + 1)
         draft_top1 = candidates.clone()
+        draft_conf = torch.ones(candidates.shape, device=device)
         for k in range(depth_max + 1):
             pick = torch.minimum(torch.full_like(built[verified], k), built[verified])
             draft_top1[verified, k] = top1_rows[starts + pick]
+            draft_conf[verified, k] = conf_rows[starts + pick]
         with self._timed("policy_s"):
-            depth, events = self.policy.accept(view, state, candidates, draft_top1)
+            depth, events = self.policy.accept(view, state, candidates, draft_top1, draft_conf)
         depth = torch.minimum(depth, built)
         accepted = candidates[torch.arange(b, device=device), depth]
         next_logits = {}

@@ -130,11 +130,13 @@ class Policy:
         """
         return gen_top1
 
-    def accept(self, view: StepView, state: Any, candidates: torch.Tensor, draft_top1: torch.Tensor):
+    def accept(self, view: StepView, state: Any, candidates: torch.Tensor, draft_top1: torch.Tensor,
+               draft_conf: torch.Tensor):
         """For policies that draft: the accepted depth per sequence, and per-sequence events.
 
         candidates: (batch, K+1, block) the committed block (depth 0) and the drafts;
-        draft_top1: (batch, K+1, block) argmax predicted on each of those canvases.
+        draft_top1: (batch, K+1, block) argmax predicted on each of those canvases;
+        draft_conf: (batch, K+1, block) that argmax's probability.
         """
         raise NotImplementedError(f"{self.name} returned drafts but does not implement accept()")
 

@@ -19,6 +19,7 @@ class PSDConfig(PolicyConfig):
     depth: int = 3  # K: drafts per step (the paper recommends 3)
     group: int = 0  # positions per draft group; 0 = as many as the unmasking rule committed this step
     adaptive_depth: bool = True  # draft at most one level deeper than the last accepted depth
+    accept_tau: float = 0.0  # also require the confirming prediction's probability >= this (0: argmax only)
 
     def validate(self) -> None:
         super().validate()
@@ -32,6 +33,8 @@ class PSDConfig(PolicyConfig):
             raise UnmaskError(f"depth must be between 0 and 16 drafts, got {self.depth}", field="depth")
         if self.group < 0:
             raise UnmaskError(f"group must be >= 0, got {self.group}", field="group")
+        if not 0.0 <= self.accept_tau <= 1.0:
+            raise UnmaskError(f"accept_tau must be in [0, 1], got {self.accept_tau}", field="accept_tau")
 
 
 @register_policy
@@ -52,6 +55,10 @@ class PSD(Policy):
     `group=N` fixes it); with `adaptive_depth` the depth drafted is at most one more than the depth
     accepted last time (as adaptive draft lengths do in AR speculative decoding), which saves rows
     when drafts keep failing. The first call of a decode is a plain forward.
+
+    `accept_tau` (default 0, the paper's check) can also ask the confirming prediction to be
+    confident: argmax agreement at probability 0.3 is weak evidence, and each accepted token skips
+    the unmasking rule's own confidence test. Measured as an alternative in the bench.
 
     Exactness: with argmax agreement as the check, every accepted token is what the model predicts
     at that position given the context it was drafted against, but PSD does not reproduce the
@@ -101,9 +108,10 @@ class PSD(Policy):
         drafts = torch.where(take, view.top1[:, None], committed[:, None])  # (batch, K, block)
         return Decision(commit=commit, drafts=drafts)
 
-    def accept(self, view, state, candidates, draft_top1):
+    def accept(self, view, state, candidates, draft_top1, draft_conf):
         new = candidates[:, 1:] != candidates[:, :-1]  # (batch, K, block): group G_j of draft j
-        wrong = new & (candidates[:, 1:] != draft_top1[:, :-1])  # G_j disagrees with the call on draft j-1
+        # G_j disagrees with the call on draft j-1 (or agrees with less than accept_tau probability)
+        wrong = new & ((candidates[:, 1:] != draft_top1[:, :-1]) | (draft_conf[:, :-1] < self.config.accept_tau))
         # a level with no new token (the row needed fewer drafts than the batch) confirms nothing
         ok = ~wrong.any(-1) & new.any(-1)  # (batch, K); empty levels only ever trail the full ones
         depth = torch.cumprod(ok.long(), dim=-1).sum(-1)  # deepest k with every level up to k consistent
