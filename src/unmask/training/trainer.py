@@ -43,7 +43,7 @@ LOG_FILE = "train_log.jsonl"
 
 @dataclass
 class TrainConfig:
-    """Every knob of `unmask train sft`, with the defaults the built-in model is trained with."""
+    """Every knob of `unmask train sft` (the built-in model's own settings are in the README)."""
 
     out: str = "train_out"
     init: str | None = None  # checkpoint to fine-tune (path, hub id or "builtin"); None: fresh network
