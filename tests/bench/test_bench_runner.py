@@ -101,6 +101,18 @@ def test_different_settings_in_the_same_folder_are_refused(tiny_checkpoint, tmp_
         run_bench(_cfg(tiny_checkpoint, tmp_path, strategies=["one_shot"], seed=3), progress=False)
 
 
+def test_retrained_weights_under_the_same_name_are_not_resumed(tmp_path):
+    # the built-in model keeps its name when it is retrained: its old answers must not be reused
+    from unmask.testing import write_tiny_llada
+
+    ckpt = tmp_path / "model"
+    write_tiny_llada(ckpt, gen_length=16, block_length=8, seed=0)
+    run_bench(_cfg(str(ckpt), tmp_path / "out", strategies=["one_shot"]), progress=False)
+    write_tiny_llada(ckpt, gen_length=16, block_length=8, seed=1)
+    with pytest.raises(UnmaskError, match="different run.*weights"):
+        run_bench(_cfg(str(ckpt), tmp_path / "out", strategies=["one_shot"]), progress=False)
+
+
 @pytest.mark.parametrize(
     "kw, match",
     [

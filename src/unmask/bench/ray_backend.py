@@ -37,6 +37,7 @@ from unmask.bench.runner import (
     strategy_key,
     summarize,
     usable,
+    weights_fingerprint,
     write_results,
 )
 from unmask.errors import UnmaskError
@@ -79,7 +80,8 @@ class BenchWorker:
         if self.error is not None:
             raise self.error
         return {
-            "model": self.model.name, "gen_length": self.decode.gen_length, "block_length": self.decode.block_length,
+            "model": self.model.name, "weights": weights_fingerprint(self.model),
+            "gen_length": self.decode.gen_length, "block_length": self.decode.block_length,
             "device": self.device, "pid": os.getpid(),
             "unavailable": [self._policy(s).unavailable(self.model) for s in self.cfg.strategies],
         }
@@ -121,7 +123,7 @@ def run_bench_ray(
         info = pool.first_info()
         keep = usable(cfg, info["unavailable"])
         specs, policies = [cfg.strategies[i] for i in keep], [policies[i] for i in keep]
-        header = run_header(cfg, info["model"], info["gen_length"], info["block_length"])
+        header = run_header(cfg, info["model"], info["gen_length"], info["block_length"], info["weights"])
         out = Path(cfg.out)
         log = ProblemLog(out / "problems.jsonl", header)
 

@@ -12,6 +12,7 @@ slot. Both decode and score a chunk with `decode_chunk`, and both record through
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 from dataclasses import asdict, dataclass, field
@@ -213,11 +214,25 @@ def usable(cfg: BenchConfig, reasons: list[str | None]) -> list[int]:
     return keep
 
 
-def run_header(cfg: BenchConfig, model_name: str, gen_length: int, block_length: int) -> dict[str, Any]:
+def weights_fingerprint(model) -> str:
+    """A short hash of the network's weights (shapes and the first values of every tensor).
+
+    Two checkpoints with the same name (say, the built-in model before and after retraining) get
+    different fingerprints, so a results folder never resumes with answers of other weights.
+    """
+    digest = hashlib.sha1()
+    with torch.no_grad():
+        for name, param in model.network.named_parameters():
+            digest.update(f"{name}{tuple(param.shape)}".encode())
+            digest.update(param.detach().flatten()[:256].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def run_header(cfg: BenchConfig, model_name: str, gen_length: int, block_length: int, weights: str) -> dict[str, Any]:
     """What identifies a run's problems.jsonl: a folder only resumes a run with this same header."""
     return {
-        "model": model_name, "task": cfg.task, "split": cfg.split, "limit": cfg.limit, "seed": cfg.seed,
-        "gen_length": gen_length, "block_length": block_length, "cache": cfg.cache,
+        "model": model_name, "weights": weights, "task": cfg.task, "split": cfg.split, "limit": cfg.limit,
+        "seed": cfg.seed, "gen_length": gen_length, "block_length": block_length, "cache": cfg.cache,
     }
 
 
@@ -244,7 +259,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True, on_row: Callable[[dict], 
     decode = DecodeConfig(gen_length=cfg.gen_length, block_length=cfg.block_length, cache=cfg.cache).resolved(model.defaults)
     gen_length, block_length = decode.gen_length, decode.block_length
     out = Path(cfg.out)
-    header = run_header(cfg, model.name, gen_length, block_length)
+    header = run_header(cfg, model.name, gen_length, block_length, weights_fingerprint(model))
     log = ProblemLog(out / "problems.jsonl", header)
     rows = []
     for policy in policies:
