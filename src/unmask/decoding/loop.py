@@ -195,6 +195,7 @@ class Decoder:
         # seconds inside the model and inside the policy's decisions (the rest is the loop's own
         # bookkeeping); on a GPU both are taken after a synchronize, so they are true time
         self._seconds = {"model_s": 0.0, "policy_s": 0.0}
+        self._cuda = device.type == "cuda"
         use_cache = cfg.cache != "none"
         if use_cache and not model.supports_cache:
             raise UnmaskError(f"model {model.name} does not support the KV cache; use --cache none", field="cache")
@@ -379,14 +380,13 @@ class Decoder:
     @contextlib.contextmanager
     def _timed(self, key: str):
         """Add the seconds of the enclosed work to `self._seconds[key]`."""
-        cuda = self.model.device.type == "cuda"
-        if cuda:
+        if self._cuda:
             torch.cuda.synchronize(self.model.device)
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            if cuda:
+            if self._cuda:
                 torch.cuda.synchronize(self.model.device)
             self._seconds[key] += time.perf_counter() - t0
 

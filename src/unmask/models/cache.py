@@ -32,6 +32,7 @@ class KVCache:
         self.rows: torch.Tensor | None = None  # sequences of the current call (one per row)
         self.query_pos: torch.Tensor | None = None  # (rows, q) canvas positions of the queries
         self.read_only = False
+        self._all_rows = False  # set by partial(): the call covers every sequence, in order
 
     # -- set by the loop before each call -------------------------------------------------------
     def fill(self, rows: torch.Tensor) -> "KVCache":
@@ -40,7 +41,6 @@ class KVCache:
 
     def partial(self, rows: torch.Tensor, query_pos: torch.Tensor, read_only: bool = False) -> "KVCache":
         self.rows, self.query_pos, self.read_only = rows, query_pos, read_only
-        # every sequence in order (batch 1, or a full batch): the stored tensors serve as they are
         self._all_rows = rows.shape[0] == self.batch_size and bool(
             (rows == torch.arange(self.batch_size, device=rows.device)).all())
         return self

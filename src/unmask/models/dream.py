@@ -112,7 +112,7 @@ class DreamAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=True)
         self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=True)
         self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
-        self.attn = SelfAttention(cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim, cfg.rope_theta)
+        self.attn = SelfAttention(cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim)
 
     def forward(self, x, rope, key_mask, cache=None):
         out = self.attn(self.q_proj(x), self.k_proj(x), self.v_proj(x), rope, key_mask, cache, self.layer_idx)

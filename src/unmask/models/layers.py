@@ -64,12 +64,11 @@ def attention(
 class SelfAttention(nn.Module):
     """Multi-head self-attention with RoPE; projection names are given by the caller's layout."""
 
-    def __init__(self, n_heads: int, n_kv_heads: int, head_dim: int, rope_theta: float):
+    def __init__(self, n_heads: int, n_kv_heads: int, head_dim: int):
         super().__init__()
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads
         self.head_dim = head_dim
-        self.rope_theta = rope_theta
 
     def forward(self, q, k, v, rope, key_mask, cache=None, layer_idx: int = 0):
         """`rope`: the (cos, sin) pair of `rope_cos_sin`, computed once per network call for all layers."""

@@ -98,7 +98,7 @@ class LLaDABlock(nn.Module):
         self.ff_proj = nn.Linear(cfg.d_model, cfg.mlp_hidden_size, bias=False)  # gate (SiLU)
         self.up_proj = nn.Linear(cfg.d_model, cfg.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, cfg.d_model, bias=False)
-        self.attn = SelfAttention(cfg.n_heads, cfg.kv_heads, head_dim, cfg.rope_theta)
+        self.attn = SelfAttention(cfg.n_heads, cfg.kv_heads, head_dim)
 
     def forward(self, x, rope, key_mask, cache=None):
         h = self.attn_norm(x)
