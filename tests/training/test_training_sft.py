@@ -65,6 +65,36 @@ def test_batch_layout_left_pads_prompts_and_eos_pads_responses():
         collate([Example([5], [1, 2, 3])], gen_length=2, pad_id=0, eos_id=0)
 
 
+def test_block_aware_rows_mask_as_block_decoding_sees_them(tmp_path):
+    trainer = prepare(tiny_config(tmp_path, steps=1, batch_size=32))
+    model, batch = trainer.model, trainer.next_batch()
+    gen, block = 48, 16
+    _, info = masked_diffusion_loss(model, batch, torch.Generator().manual_seed(3), block_frac=1.0, block_length=block)
+    masked = info["masked"]
+    assert not (masked & ~batch.response_mask).any()
+    resp = masked[:, -gen:].view(-1, gen // block, block)
+    for row in resp:
+        full = row.all(dim=1)
+        touched = row.any(dim=1)
+        first = int(touched.int().argmax()) if touched.any() else gen // block
+        # blocks before the current one are clean, every block after it fully masked
+        assert not touched[:first].any()
+        assert full[first + 1:].all()
+    # with block_frac 0 nothing changes: same draws, same mask as the plain objective
+    a = masked_diffusion_loss(model, batch, torch.Generator().manual_seed(4))[1]["masked"]
+    b = masked_diffusion_loss(model, batch, torch.Generator().manual_seed(4), block_frac=0.0, block_length=block)[1]["masked"]
+    assert torch.equal(a, b)
+    # with block_frac 1 a clean token never follows a masked block, unlike uniform masking
+    uniform_mixed = any((~r[-gen:]).nonzero().max() > r[-gen:].nonzero().min() for r in a if r[-gen:].any())
+    assert uniform_mixed
+
+
+def test_block_masking_flag_is_checked():
+    assert config_from_args(parse(["--out", "x", "--block-masking", "0.5"])).block_frac == 0.5
+    with pytest.raises(UnmaskError, match="block-masking"):
+        config_from_args(parse(["--out", "x", "--block-masking", "1.5"])).validate()
+
+
 def test_stratified_mask_ratio_covers_each_stratum():
     p = sample_mask_ratio(8, 1e-3, True, torch.Generator().manual_seed(0))
     t = (p - 1e-3) / (1 - 1e-3)

@@ -55,6 +55,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     sft.add_argument("--weight-decay", type=float, default=d.weight_decay)
     sft.add_argument("--grad-clip", type=float, default=d.grad_clip)
     sft.add_argument("--no-stratified", dest="stratified", action="store_false", help="i.i.d. mask ratios instead of stratified")
+    sft.add_argument("--block-masking", dest="block_frac", type=float, default=d.block_frac,
+                     help="share of rows masked as block-wise decoding sees them: earlier blocks clean, later ones masked "
+                          "(0-1; default 0: uniform masking, LLaDA's objective)")
     sft.add_argument("--gen-length", type=int, default=d.gen_length)
     sft.add_argument("--block-length", type=int, default=d.block_length)
     sft.add_argument("--d-model", type=int, default=d.d_model)
@@ -121,6 +124,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         weight_decay=args.weight_decay,
         grad_clip=args.grad_clip,
         stratified=args.stratified,
+        block_frac=args.block_frac,
         d_model=args.d_model,
         n_layers=args.n_layers,
         n_heads=args.n_heads,

@@ -12,6 +12,17 @@ shuffled i, so a batch covers the whole noise range evenly. Each t_i is still ma
 U(0, 1), so the objective's expectation is unchanged; only its variance across batches drops.
 `TrainConfig.stratified = False` gives plain i.i.d. t.
 
+Optional block-aware rows (`TrainConfig.block_frac`, `--block-masking`; default 0, the paper's
+objective). Decoding is semi-autoregressive: when block k is being decoded, every earlier block is
+clean, block k is partly masked and every later block is fully masked. Uniform masking spends most
+of its rows on canvases decoding never shows (a clean later token beside a masked earlier one).
+A block-aware row is drawn as decoding sees it: a block index k uniform over the response's
+blocks (of `block_length`, aligned to the response start as the loop aligns them), the blocks
+before k clean, block k masked with ratio p_mask (weight 1 / p_mask, as above) and every later
+position masked (weight 1: it is masked with probability 1). The remaining rows stay uniform, so
+any-order canvases (drafts, out-of-block commits) are still trained. Choice and measurement: the
+README's built-in model section.
+
 Checkpoints: every `save_every` steps and at the end the model is written to `out` in Hugging Face
 layout (`config.json`, `model.safetensors`, tokenizer files) and the optimizer, step and random
 states to `out/trainer_state.pt`; metrics go to `out/train_log.jsonl`. Those two files are for
@@ -66,6 +77,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     eps: float = 1e-3  # p_mask floor
     stratified: bool = True
+    block_frac: float = 0.0  # share of rows masked as semi-autoregressive decoding sees them (module docstring)
     # fresh network size (ignored with `init`)
     d_model: int = 128
     n_layers: int = 4
@@ -112,6 +124,8 @@ class TrainConfig:
             raise UnmaskError(f"min-lr must lie in [0, lr], got {self.min_lr!r}", field="min_lr")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise UnmaskError("weight-decay and grad-clip must be >= 0", field="weight_decay")
+        if not isinstance(self.block_frac, (int, float)) or not 0 <= self.block_frac <= 1:
+            raise UnmaskError(f"block-masking must lie in [0, 1], got {self.block_frac!r}", field="block_frac")
         if not (0 < self.eps < 1):
             raise UnmaskError(f"eps must lie in (0, 1), got {self.eps!r}", field="eps")
         if self.d_model % self.n_heads:
@@ -172,26 +186,45 @@ def sample_mask_ratio(batch_size: int, eps: float, stratified: bool, generator: 
 
 
 def masked_diffusion_loss(
-    model, batch: Batch, generator: torch.Generator, eps: float = 1e-3, stratified: bool = True
+    model, batch: Batch, generator: torch.Generator, eps: float = 1e-3, stratified: bool = True,
+    block_frac: float = 0.0, block_length: int | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """LLaDA's SFT loss on one batch (see the module docstring). Returns (loss, details)."""
     device = model.device
     input_ids = batch.input_ids.to(device)
     attention_mask = batch.attention_mask.to(device)
     response = batch.response_mask.to(device)
-    p_mask = sample_mask_ratio(input_ids.shape[0], eps, stratified, generator).to(device)  # (batch,)
+    rows, gen = input_ids.shape[0], batch.gen_length
+    p_mask = sample_mask_ratio(rows, eps, stratified, generator).to(device)  # (batch,)
     draw = torch.rand(input_ids.shape, generator=generator).to(device)
     masked = (draw < p_mask[:, None]) & response  # (batch, seq); never a prompt or padding position
+    weights = masked[:, -gen:].float() / p_mask[:, None]
+    if block_frac > 0:
+        masked, weights = _block_aware(masked, weights, generator, block_frac, block_length or gen, gen)
     noisy = torch.where(masked, torch.full_like(input_ids, model.mask_id), input_ids)
     logits = model.logits(noisy, attention_mask, model.position_ids(attention_mask))  # (batch, seq, vocab)
-    gen = batch.gen_length
     # only the response region can be scored; slicing first keeps the softmax small
     token_loss = F.cross_entropy(
         logits[:, -gen:].float().reshape(-1, logits.shape[-1]), input_ids[:, -gen:].reshape(-1), reduction="none"
-    ).view(input_ids.shape[0], gen)
-    weights = masked[:, -gen:].float() / p_mask[:, None]
-    loss = (token_loss * weights).sum() / (input_ids.shape[0] * gen)
+    ).view(rows, gen)
+    loss = (token_loss * weights).sum() / (rows * gen)
     return loss, {"masked": masked, "p_mask": p_mask, "noisy": noisy}
+
+
+def _block_aware(masked, weights, generator, block_frac: float, block_length: int, gen: int):
+    """Turn a `block_frac` share of the rows into block-aware rows (module docstring)."""
+    rows, device = masked.shape[0], masked.device
+    chosen = (torch.rand(rows, generator=generator) < block_frac).to(device)  # (batch,)
+    n_blocks = -(-gen // block_length)
+    start = (torch.randint(0, n_blocks, (rows,), generator=generator) * block_length).to(device)[:, None]
+    pos = torch.arange(gen, device=device)[None, :]
+    window, after = (pos >= start) & (pos < start + block_length), pos >= start + block_length
+    resp = masked[:, -gen:]
+    block_masked = (resp & window) | after
+    block_weights = torch.where(after, torch.ones_like(weights), weights * window)
+    masked = masked.clone()
+    masked[:, -gen:] = torch.where(chosen[:, None], block_masked, resp)
+    return masked, torch.where(chosen[:, None], block_weights, weights)
 
 
 def make_optimizer(network: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -302,7 +335,10 @@ class Trainer:
         lr = lr_at(self.step, self.config, self.train_time_s)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss, _ = masked_diffusion_loss(self.model, batch, self.mask_gen, self.config.eps, self.config.stratified)
+        loss, _ = masked_diffusion_loss(
+            self.model, batch, self.mask_gen, self.config.eps, self.config.stratified,
+            self.config.block_frac, self.config.block_length,
+        )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip > 0:
