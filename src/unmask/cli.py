@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--strategy", action="append", dest="strategies", default=None,
                    help="repeat for each strategy (default: every registered policy at its defaults)")
-    p.add_argument("--limit", type=int, default=200, help="number of problems (default 200)")
+    p.add_argument("--limit", type=int, default=160, help="number of problems (default 160)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default="runs/bench", help="output folder for results.json, results.md, pareto.png")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

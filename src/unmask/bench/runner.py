@@ -46,7 +46,7 @@ class BenchConfig:
     task: str = "arith"
     split: str = "test"
     strategies: list[str] = field(default_factory=default_strategies)
-    limit: int | None = 200
+    limit: int | None = 160
     seed: int = 0
     gen_length: int | None = None
     block_length: int | None = None
