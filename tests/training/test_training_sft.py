@@ -84,7 +84,7 @@ def test_block_aware_rows_mask_as_block_decoding_sees_them(tmp_path):
     a = masked_diffusion_loss(model, batch, torch.Generator().manual_seed(4))[1]["masked"]
     b = masked_diffusion_loss(model, batch, torch.Generator().manual_seed(4), block_frac=0.0, block_length=block)[1]["masked"]
     assert torch.equal(a, b)
-    # with block_frac 1 a clean token never follows a masked block, unlike uniform masking
+    # uniform masking, unlike the block-aware rows above, does leave clean tokens after masked ones
     uniform_mixed = any((~r[-gen:]).nonzero().max() > r[-gen:].nonzero().min() for r in a if r[-gen:].any())
     assert uniform_mixed
 
