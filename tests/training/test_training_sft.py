@@ -95,6 +95,39 @@ def test_block_masking_flag_is_checked():
         config_from_args(parse(["--out", "x", "--block-masking", "1.5"])).validate()
 
 
+def test_task_weights_skew_the_task_mix_and_equal_weights_change_nothing():
+    from unmask.training.data import TaskSource
+
+    tok = fresh_model(TrainConfig(d_model=32, n_layers=1, n_heads=4)).tokenizer
+    print_id = tok.hf.convert_tokens_to_ids("print")
+
+    def draws(weights, n=600):
+        source = TaskSource(tok, list(TASKS), 48, weights)
+        rng = random.Random(0)
+        return [source.sample(rng) for _ in range(n)]
+
+    def trace_share(examples):
+        return sum(print_id in e.prompt_ids for e in examples) / len(examples)
+
+    plain = draws(None)
+    assert 0.4 < trace_share(plain) < 0.6
+    assert [e.prompt_ids for e in draws([2.0, 2.0])] == [e.prompt_ids for e in plain]
+    assert trace_share(draws([1.0, 3.0])) > 0.68  # expected 0.75
+    assert trace_share(draws([3.0, 1.0])) < 0.32  # expected 0.25
+
+
+@pytest.mark.parametrize("weights", ["1", "1,2,3", "1,0", "1,x", "1,-2"])
+def test_task_weights_flag_is_checked(weights):
+    with pytest.raises(UnmaskError, match="task-weights"):
+        config_from_args(parse(["--out", "x", "--task", "arith,trace", "--task-weights", weights])).validate()
+
+
+def test_task_weights_survive_the_config_round_trip():
+    config = config_from_args(parse(["--out", "x", "--task-weights", "1,2.5"]))
+    assert config.task_weights == (1.0, 2.5)
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
 def test_stratified_mask_ratio_covers_each_stratum():
     p = sample_mask_ratio(8, 1e-3, True, torch.Generator().manual_seed(0))
     t = (p - 1e-3) / (1 - 1e-3)

@@ -24,6 +24,13 @@ def _task_list(text: str) -> tuple[str, ...]:
     return names
 
 
+def _weight_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(w) for w in text.split(",") if w.strip())
+    except ValueError:
+        raise UnmaskError(f"task-weights must be comma-separated numbers (e.g. 1,2), got {text!r}", field="task_weights") from None
+
+
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """Add `train` (with the sub-command `sft`) to an argparse sub-parser group."""
     train = subparsers.add_parser("train", help="train or fine-tune a masked diffusion LM")
@@ -43,6 +50,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     sft.add_argument("--out", required=True, help="output folder (checkpoint, trainer_state.pt, train_log.jsonl)")
     sft.add_argument("--init", default=None, help="checkpoint to fine-tune (folder, hub id or 'builtin'); default: fresh network")
     sft.add_argument("--task", default=None, help="generated tasks to train on, comma separated (default arith,trace; none with --data)")
+    sft.add_argument("--task-weights", default=None,
+                     help="sampling weight per training task, comma separated, in --task order (e.g. 1,2: twice as many "
+                          "trace rows; default: uniform)")
     sft.add_argument("--data", default=None, help='JSONL file of {"prompt"|"messages", "response"} records')
     sft.add_argument("--eval-task", default=None, help="tasks for dev accuracy (default: the training tasks)")
     sft.add_argument("--steps", type=int, default=d.steps)
@@ -111,6 +121,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         out=args.out,
         init=args.init,
         tasks=tasks,
+        task_weights=_weight_list(args.task_weights) if args.task_weights is not None else None,
         data=args.data,
         eval_tasks=_task_list(args.eval_task) if args.eval_task is not None else None,
         gen_length=args.gen_length,

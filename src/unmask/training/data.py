@@ -8,7 +8,8 @@ answers end (EOS positions are response positions and get loss) on the positions
 
 Sources:
 - `TaskSource` — an endless stream over the generated task families: a problem drawn uniformly
-  from the train split of a task chosen uniformly, answered by a fresh `sample_response`.
+  from the train split of a task chosen uniformly (or by `weights`), answered by a fresh
+  `sample_response`.
 - `JsonlSource` — a fixed list of {"prompt" | "messages", "response"} records (R²-SFT and
   fine-tuning data), sampled uniformly with replacement.
 
@@ -68,10 +69,12 @@ def collate(examples: list[Example], gen_length: int, pad_id: int, eos_id: int) 
 class TaskSource:
     """Endless (prompt, sampled worked answer) pairs from the train split of generated tasks."""
 
-    def __init__(self, tokenizer, task_names: list[str], gen_length: int):
+    def __init__(self, tokenizer, task_names: list[str], gen_length: int, weights: list[float] | None = None):
         from unmask.tasks import get_task
 
         self.tokenizer = tokenizer
+        # equal weights keep the uniform draw, so a run without weights is bit-identical to before
+        self.weights = list(weights) if weights is not None and len(set(weights)) > 1 else None
         self.tasks = []
         for name in task_names:
             task = get_task(name)
@@ -84,7 +87,10 @@ class TaskSource:
         self._prompt_cache: dict[str, list[int]] = {}  # chat templating is the slow part
 
     def sample(self, rng: random.Random) -> Example:
-        task, pool = self.tasks[rng.randrange(len(self.tasks))]
+        if self.weights is None:
+            task, pool = self.tasks[rng.randrange(len(self.tasks))]
+        else:
+            task, pool = rng.choices(self.tasks, weights=self.weights)[0]
         problem = pool[rng.randrange(len(pool))]
         prompt = self._prompt_cache.get(problem.id)
         if prompt is None:

@@ -59,6 +59,7 @@ class TrainConfig:
     out: str = "train_out"
     init: str | None = None  # checkpoint to fine-tune (path, hub id or "builtin"); None: fresh network
     tasks: tuple[str, ...] = ("arith", "trace")  # generated task families to train on
+    task_weights: tuple[float, ...] | None = None  # sampling weight per task (None: uniform over tasks)
     data: str | None = None  # JSONL file of {"prompt"|"messages", "response"} records
     eval_tasks: tuple[str, ...] | None = None  # dev-set accuracy on these (default: `tasks`)
     # the canvas, as decoding sees it
@@ -137,6 +138,13 @@ class TrainConfig:
         parse_strategy(self.eval_strategy)  # a bad strategy fails before any training
         if not self.tasks and not self.data:
             raise UnmaskError("nothing to train on; pass --task arith,trace and/or --data FILE", field="tasks")
+        if self.task_weights is not None:
+            weights = tuple(self.task_weights)
+            if len(weights) != len(self.tasks):
+                raise UnmaskError(f"task-weights gives {len(weights)} weights for {len(self.tasks)} tasks "
+                                  f"({','.join(self.tasks) or 'none'}); give one per task, in the same order", field="task_weights")
+            if not all(isinstance(w, (int, float)) and math.isfinite(w) and w > 0 for w in weights):
+                raise UnmaskError(f"task-weights must be positive numbers, got {weights!r}", field="task_weights")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise UnmaskError(f"time-budget must be a positive number of seconds, got {self.time_budget_s!r}", field="time_budget_s")
         if self.threads is not None and self.threads <= 0:
@@ -146,13 +154,14 @@ class TrainConfig:
         out = asdict(self)
         out["tasks"] = list(self.tasks)
         out["eval_tasks"] = list(self.eval_tasks) if self.eval_tasks is not None else None
+        out["task_weights"] = list(self.task_weights) if self.task_weights is not None else None
         return out
 
     @classmethod
     def from_dict(cls, raw: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in raw.items() if k in known}
-        for key in ("tasks", "eval_tasks"):
+        for key in ("tasks", "eval_tasks", "task_weights"):
             if values.get(key) is not None:
                 values[key] = tuple(values[key])
         return cls(**values)
