@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--strategy", action="append", dest="strategies", default=None,
                    help="repeat for each strategy (default: every registered policy at its defaults)")
-    p.add_argument("--limit", type=int, default=160, help="number of problems (default 160)")
+    p.add_argument("--limit", type=int, default=None, help="number of problems (default: BenchConfig's, 160)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default="runs/bench", help="output folder for results.json, results.md, pareto.png")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -124,10 +124,11 @@ def cmd_bench(args) -> int:
 
     cfg = BenchConfig(
         model=args.model, task=args.task, split=args.split,
-        strategies=args.strategies or default_strategies(), limit=args.limit, seed=args.seed,
+        strategies=args.strategies or default_strategies(), seed=args.seed,
         gen_length=args.gen_length, block_length=args.block_length, batch_size=args.batch_size, out=args.out,
         device=args.device, dtype=args.dtype, cache=args.cache, trust_remote_code=args.trust_remote_code,
         backend=args.backend, address=args.address, skip_unavailable=not args.strategies,
+        **({} if args.limit is None else {"limit": args.limit}),  # the default lives in BenchConfig alone
     )
     run_bench(cfg, progress=not args.quiet)
     out = Path(args.out)

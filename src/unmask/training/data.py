@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +70,7 @@ def collate(examples: list[Example], gen_length: int, pad_id: int, eos_id: int) 
 class TaskSource:
     """Endless (prompt, sampled worked answer) pairs from the train split of generated tasks."""
 
-    def __init__(self, tokenizer, task_names: list[str], gen_length: int, weights: list[float] | None = None):
+    def __init__(self, tokenizer, task_names: list[str], gen_length: int, weights: Sequence[float] | None = None):
         from unmask.tasks import get_task
 
         self.tokenizer = tokenizer

@@ -80,8 +80,7 @@ def count_parameters(model: DiffusionLM) -> int:
 def build_source(model: DiffusionLM, config: TrainConfig):
     sources = []
     if config.tasks:
-        weights = list(config.task_weights) if config.task_weights is not None else None
-        sources.append(TaskSource(model.tokenizer, list(config.tasks), config.gen_length, weights))
+        sources.append(TaskSource(model.tokenizer, list(config.tasks), config.gen_length, config.task_weights))
     if config.data:
         sources.append(JsonlSource(model.tokenizer, config.data, config.gen_length))
     return MixedSource(sources)

@@ -139,7 +139,7 @@ class TrainConfig:
         if not self.tasks and not self.data:
             raise UnmaskError("nothing to train on; pass --task arith,trace and/or --data FILE", field="tasks")
         if self.task_weights is not None:
-            weights = tuple(self.task_weights)
+            weights = self.task_weights
             if len(weights) != len(self.tasks):
                 raise UnmaskError(f"task-weights gives {len(weights)} weights for {len(self.tasks)} tasks "
                                   f"({','.join(self.tasks) or 'none'}); give one per task, in the same order", field="task_weights")
