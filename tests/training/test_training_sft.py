@@ -122,9 +122,54 @@ def test_task_weights_flag_is_checked(weights):
         config_from_args(parse(["--out", "x", "--task", "arith,trace", "--task-weights", weights])).validate()
 
 
+def test_trace_hardness_grows_with_length_and_an_earlier_printed_variable():
+    from unmask.tasks import get_task
+    from unmask.tasks.base import Problem
+
+    trace = get_task("trace")
+
+    def hardness(question):
+        return trace.hardness(Problem("p", question, "0"))
+
+    assert hardness("a = 3 ; b = a + 2 ; print ( b )") == 1.0
+    assert hardness("a = 3 ; b = a + 2 ; a = b - 1 ; c = a + 1 ; print ( c )") == 3.0
+    assert hardness("a = 3 ; b = a + 2 ; a = b - 1 ; c = a + 1 ; print ( b )") == 6.0
+    arith = get_task("arith")
+    assert arith.hardness(arith.problems("train", limit=1)[0]) == 1.0  # no measure: uniform
+
+
+def test_hard_bias_draws_hard_trace_programs_more_often_and_zero_changes_nothing():
+    from unmask.tasks import get_task
+    from unmask.training.data import TaskSource
+
+    tok = fresh_model(TrainConfig(d_model=32, n_layers=1, n_heads=4)).tokenizer
+    trace = get_task("trace:train_size=300")
+    by_prompt = {tuple(tok.prompt_ids(trace.messages(p))): trace.hardness(p) for p in trace.problems("train")}
+
+    def draws(bias, n=400):
+        source = TaskSource(tok, ["trace:train_size=300"], 48, None, bias)
+        rng = random.Random(0)
+        return [source.sample(rng) for _ in range(n)]
+
+    def mean_hardness(examples):
+        return sum(by_prompt[tuple(e.prompt_ids)] for e in examples) / len(examples)
+
+    plain = draws(0.0)
+    default = TaskSource(tok, ["trace:train_size=300"], 48)  # no bias given: the uniform draw, unchanged
+    rng = random.Random(0)
+    assert [e.prompt_ids for e in plain] == [default.sample(rng).prompt_ids for _ in range(len(plain))]
+    assert mean_hardness(draws(2.0)) > mean_hardness(plain) + 0.5
+
+
+@pytest.mark.parametrize("bias", ["-1", "nan", "inf"])
+def test_hard_bias_flag_is_checked(bias):
+    with pytest.raises(UnmaskError, match="hard-bias"):
+        config_from_args(parse(["--out", "x", "--hard-bias", bias])).validate()
+
+
 def test_task_weights_survive_the_config_round_trip():
-    config = config_from_args(parse(["--out", "x", "--task-weights", "1,2.5"]))
-    assert config.task_weights == (1.0, 2.5)
+    config = config_from_args(parse(["--out", "x", "--task-weights", "1,2.5", "--hard-bias", "1.5"]))
+    assert config.task_weights == (1.0, 2.5) and config.hard_bias == 1.5
     assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 

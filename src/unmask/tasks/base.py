@@ -78,6 +78,10 @@ class Task:
         return 1.0 if answers_match(self.extract(completion), problem.answer) else 0.0
 
     # -- generated families only ----------------------------------------------------------------
+    def hardness(self, problem: Problem) -> float:
+        """How hard a problem is, >= 1, for `unmask train sft --hard-bias` (1.0: no measure)."""
+        return 1.0
+
     def sample_response(self, problem: Problem, rng: random.Random) -> str:
         """One valid worked answer drawn at random (generated families only)."""
         raise UnmaskError(

@@ -200,6 +200,15 @@ class TraceTask(GeneratedTask):
         ops = [op for op, ok in (("+", x + y <= MAX_VALUE), ("-", x >= y and left != right)) if ok]
         return Statement(target, left, rng.choice(ops), right) if ops else None
 
+    def hardness(self, problem: Problem) -> float:
+        """Statements minus one (1..3), doubled when the printed variable is not the last one assigned.
+
+        Both are where the built-in model fails: its accuracy falls with program length, and most
+        of all when the answer is an earlier variable's value (see the README's built-in model).
+        """
+        statements, printed = parse_program(problem.question)
+        return (len(statements) - 1) * (2.0 if printed != statements[-1].target else 1.0)
+
     # -- responses ------------------------------------------------------------------------------
     def draw_response(self, problem: Problem, rng: random.Random) -> str:
         statements, printed = parse_program(problem.question)

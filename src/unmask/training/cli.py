@@ -53,6 +53,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     sft.add_argument("--task-weights", default=None,
                      help="sampling weight per training task, comma separated, in --task order (e.g. 1,2: twice as many "
                           "trace rows; default: uniform)")
+    sft.add_argument("--hard-bias", type=float, default=d.hard_bias,
+                     help="draw training problems in proportion to hardness ** B (trace: longer programs and "
+                          "an earlier variable printed; arith has no measure); default 0: uniform")
     sft.add_argument("--data", default=None, help='JSONL file of {"prompt"|"messages", "response"} records')
     sft.add_argument("--eval-task", default=None, help="tasks for dev accuracy (default: the training tasks)")
     sft.add_argument("--steps", type=int, default=d.steps)
@@ -122,6 +125,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         init=args.init,
         tasks=tasks,
         task_weights=_weight_list(args.task_weights) if args.task_weights is not None else None,
+        hard_bias=args.hard_bias,
         data=args.data,
         eval_tasks=_task_list(args.eval_task) if args.eval_task is not None else None,
         gen_length=args.gen_length,

@@ -9,7 +9,8 @@ answers end (EOS positions are response positions and get loss) on the positions
 Sources:
 - `TaskSource` — an endless stream over the generated task families: a problem drawn uniformly
   from the train split of a task chosen uniformly (or by `weights`), answered by a fresh
-  `sample_response`.
+  `sample_response`. With `hard_bias` B > 0 the problem is drawn in proportion to
+  `task.hardness(problem) ** B` instead (the test and dev splits are never touched).
 - `JsonlSource` — a fixed list of {"prompt" | "messages", "response"} records (R²-SFT and
   fine-tuning data), sampled uniformly with replacement.
 
@@ -18,6 +19,7 @@ Both draw from one `random.Random` that the trainer owns, so resuming restores t
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from collections.abc import Sequence
@@ -70,7 +72,8 @@ def collate(examples: list[Example], gen_length: int, pad_id: int, eos_id: int) 
 class TaskSource:
     """Endless (prompt, sampled worked answer) pairs from the train split of generated tasks."""
 
-    def __init__(self, tokenizer, task_names: list[str], gen_length: int, weights: Sequence[float] | None = None):
+    def __init__(self, tokenizer, task_names: list[str], gen_length: int, weights: Sequence[float] | None = None,
+                 hard_bias: float = 0.0):
         from unmask.tasks import get_task
 
         self.tokenizer = tokenizer
@@ -85,14 +88,20 @@ class TaskSource:
             if bound > gen_length:
                 raise UnmaskError(f"task {name!r} answers reach {bound} tokens but gen_length is {gen_length}; pass --gen-length {bound} or more")
             self.tasks.append((task, task.problems("train")))
+        # cumulative hardness ** bias per pool; None keeps the uniform draw (and its random stream)
+        self._cumulative = [
+            list(itertools.accumulate(task.hardness(p) ** hard_bias for p in pool)) if hard_bias > 0 else None
+            for task, pool in self.tasks
+        ]
         self._prompt_cache: dict[str, list[int]] = {}  # chat templating is the slow part
 
     def sample(self, rng: random.Random) -> Example:
         if self.weights is None:
-            task, pool = self.tasks[rng.randrange(len(self.tasks))]
+            index = rng.randrange(len(self.tasks))
         else:
-            task, pool = rng.choices(self.tasks, weights=self.weights)[0]
-        problem = pool[rng.randrange(len(pool))]
+            index = rng.choices(range(len(self.tasks)), weights=self.weights)[0]
+        (task, pool), cumulative = self.tasks[index], self._cumulative[index]
+        problem = pool[rng.randrange(len(pool))] if cumulative is None else rng.choices(pool, cum_weights=cumulative)[0]
         prompt = self._prompt_cache.get(problem.id)
         if prompt is None:
             prompt = self._prompt_cache[problem.id] = self.tokenizer.prompt_ids(task.messages(problem))

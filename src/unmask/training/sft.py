@@ -80,7 +80,8 @@ def count_parameters(model: DiffusionLM) -> int:
 def build_source(model: DiffusionLM, config: TrainConfig):
     sources = []
     if config.tasks:
-        sources.append(TaskSource(model.tokenizer, list(config.tasks), config.gen_length, config.task_weights))
+        sources.append(TaskSource(model.tokenizer, list(config.tasks), config.gen_length, config.task_weights,
+                                  config.hard_bias))
     if config.data:
         sources.append(JsonlSource(model.tokenizer, config.data, config.gen_length))
     return MixedSource(sources)

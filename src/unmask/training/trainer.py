@@ -60,6 +60,7 @@ class TrainConfig:
     init: str | None = None  # checkpoint to fine-tune (path, hub id or "builtin"); None: fresh network
     tasks: tuple[str, ...] = ("arith", "trace")  # generated task families to train on
     task_weights: tuple[float, ...] | None = None  # sampling weight per task (None: uniform over tasks)
+    hard_bias: float = 0.0  # draw training problems in proportion to task.hardness(problem) ** hard_bias
     data: str | None = None  # JSONL file of {"prompt"|"messages", "response"} records
     eval_tasks: tuple[str, ...] | None = None  # dev-set accuracy on these (default: `tasks`)
     # the canvas, as decoding sees it
@@ -145,6 +146,8 @@ class TrainConfig:
                                   f"({','.join(self.tasks) or 'none'}); give one per task, in the same order", field="task_weights")
             if not all(isinstance(w, (int, float)) and math.isfinite(w) and w > 0 for w in weights):
                 raise UnmaskError(f"task-weights must be positive numbers, got {weights!r}", field="task_weights")
+        if not (isinstance(self.hard_bias, (int, float)) and math.isfinite(self.hard_bias) and self.hard_bias >= 0):
+            raise UnmaskError(f"hard-bias must be a number >= 0 (0: uniform), got {self.hard_bias!r}", field="hard_bias")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise UnmaskError(f"time-budget must be a positive number of seconds, got {self.time_budget_s!r}", field="time_budget_s")
         if self.threads is not None and self.threads <= 0:
