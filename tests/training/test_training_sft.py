@@ -95,16 +95,24 @@ def test_block_masking_flag_is_checked():
         config_from_args(parse(["--out", "x", "--block-masking", "1.5"])).validate()
 
 
-def test_task_weights_skew_the_task_mix_and_equal_weights_change_nothing():
+@pytest.fixture(scope="module")
+def tok():
+    return fresh_model(TrainConfig(d_model=32, n_layers=1, n_heads=4)).tokenizer
+
+
+def draw_examples(tok, tasks, n, *args):
+    """n training examples from a fresh TaskSource(tok, tasks, 48, *args), seed 0."""
     from unmask.training.data import TaskSource
 
-    tok = fresh_model(TrainConfig(d_model=32, n_layers=1, n_heads=4)).tokenizer
+    source, rng = TaskSource(tok, list(tasks), 48, *args), random.Random(0)
+    return [source.sample(rng) for _ in range(n)]
+
+
+def test_task_weights_skew_the_task_mix_and_equal_weights_change_nothing(tok):
     print_id = tok.hf.convert_tokens_to_ids("print")
 
     def draws(weights, n=600):
-        source = TaskSource(tok, list(TASKS), 48, weights)
-        rng = random.Random(0)
-        return [source.sample(rng) for _ in range(n)]
+        return draw_examples(tok, TASKS, n, weights)
 
     def trace_share(examples):
         return sum(print_id in e.prompt_ids for e in examples) / len(examples)
@@ -138,26 +146,21 @@ def test_trace_hardness_grows_with_length_and_an_earlier_printed_variable():
     assert arith.hardness(arith.problems("train", limit=1)[0]) == 1.0  # no measure: uniform
 
 
-def test_hard_bias_draws_hard_trace_programs_more_often_and_zero_changes_nothing():
+def test_hard_bias_draws_hard_trace_programs_more_often_and_zero_changes_nothing(tok):
     from unmask.tasks import get_task
-    from unmask.training.data import TaskSource
 
-    tok = fresh_model(TrainConfig(d_model=32, n_layers=1, n_heads=4)).tokenizer
     trace = get_task("trace:train_size=300")
     by_prompt = {tuple(tok.prompt_ids(trace.messages(p))): trace.hardness(p) for p in trace.problems("train")}
 
     def draws(bias, n=400):
-        source = TaskSource(tok, ["trace:train_size=300"], 48, None, bias)
-        rng = random.Random(0)
-        return [source.sample(rng) for _ in range(n)]
+        return draw_examples(tok, ["trace:train_size=300"], n, None, bias)
 
     def mean_hardness(examples):
         return sum(by_prompt[tuple(e.prompt_ids)] for e in examples) / len(examples)
 
     plain = draws(0.0)
-    default = TaskSource(tok, ["trace:train_size=300"], 48)  # no bias given: the uniform draw, unchanged
-    rng = random.Random(0)
-    assert [e.prompt_ids for e in plain] == [default.sample(rng).prompt_ids for _ in range(len(plain))]
+    default = draw_examples(tok, ["trace:train_size=300"], len(plain))  # no bias given: the uniform draw, unchanged
+    assert [e.prompt_ids for e in plain] == [e.prompt_ids for e in default]
     assert mean_hardness(draws(2.0)) > mean_hardness(plain) + 0.5
 
 

@@ -52,6 +52,11 @@ STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.jsonl"
 
 
+def _finite_number(value) -> bool:
+    """A real, finite int or float (JSON and argparse can hand over anything)."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 @dataclass
 class TrainConfig:
     """Every knob of `unmask train sft` (the built-in model's own settings are in the README)."""
@@ -144,9 +149,9 @@ class TrainConfig:
             if len(weights) != len(self.tasks):
                 raise UnmaskError(f"task-weights gives {len(weights)} weights for {len(self.tasks)} tasks "
                                   f"({','.join(self.tasks) or 'none'}); give one per task, in the same order", field="task_weights")
-            if not all(isinstance(w, (int, float)) and math.isfinite(w) and w > 0 for w in weights):
+            if not all(_finite_number(w) and w > 0 for w in weights):
                 raise UnmaskError(f"task-weights must be positive numbers, got {weights!r}", field="task_weights")
-        if not (isinstance(self.hard_bias, (int, float)) and math.isfinite(self.hard_bias) and self.hard_bias >= 0):
+        if not (_finite_number(self.hard_bias) and self.hard_bias >= 0):
             raise UnmaskError(f"hard-bias must be a number >= 0 (0: uniform), got {self.hard_bias!r}", field="hard_bias")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise UnmaskError(f"time-budget must be a positive number of seconds, got {self.time_budget_s!r}", field="time_budget_s")
