@@ -243,6 +243,44 @@ def test_trace_never_reorders_dependent_statements():
         assert response.index("3 + 2") < response.index("5 - 1"), response  # every phrasing shows x op y
 
 
+def traced_targets(response: str) -> list[str]:
+    """The variable each line of a trace assigns, in order (opening, closing and answer dropped)."""
+    targets = []
+    for sentence in response.split(" . "):
+        words = sentence.rstrip(" .").split()
+        if words[0] in ("we", "so", "the"):
+            continue
+        if words[0] in trace.FIRST_CONNECTIVES + trace.LATER_CONNECTIVES:
+            words = words[1:]
+        targets.append(words[1] if words[0] == "set" else words[0])
+    return targets
+
+
+def test_trace_narrow_style_traces_every_statement_in_program_order():
+    default, narrow = get_task("trace"), get_task("trace:skip=0,free_order=false")
+    rng = random.Random(8)
+    problems = default.problems("test")[:200]
+    # the same problems and splits: the options shape the answers drawn, nothing else
+    assert [p.question for p in narrow.problems("test")[:200]] == [p.question for p in problems]
+    reordered_or_skipped = 0
+    for problem in problems:
+        statements, _ = trace.parse_program(problem.question)
+        program = [s.target for s in statements]
+        for _ in range(3):
+            response = narrow.sample_response(problem, rng)
+            assert narrow.score(problem, response) == 1.0
+            if count_tokens(response) < trace.MAX_RESPONSE_TOKENS - 4:  # not the over-long fallback
+                assert traced_targets(response) == program, response
+        reordered_or_skipped += traced_targets(default.sample_response(problem, rng)) != program
+    assert reordered_or_skipped > 20  # the default style does leave out and reorder statements
+
+
+@pytest.mark.parametrize("option", ["skip=1.5", "skip=-0.1", "skip=x", "free_order=maybe"])
+def test_trace_style_options_are_checked(option):
+    with pytest.raises(UnmaskError, match="skip|free_order"):
+        get_task(f"trace:{option}")
+
+
 def test_trace_rejects_malformed_questions():
     with pytest.raises(UnmaskError, match="print"):
         get_task("trace").sample_response(Problem("t", "a = 3 ; b = a", "3"), random.Random(0))

@@ -130,6 +130,28 @@ def test_task_weights_flag_is_checked(weights):
         config_from_args(parse(["--out", "x", "--task", "arith,trace", "--task-weights", weights])).validate()
 
 
+def test_task_flag_keeps_each_tasks_options_together():
+    config = config_from_args(parse(["--out", "x", "--task", "arith,trace:skip=0,free_order=false", "--task-weights", "1,2"]))
+    config.validate()
+    assert config.tasks == ("arith", "trace:skip=0,free_order=false")
+    with pytest.raises(UnmaskError, match="starts with an option"):
+        config_from_args(parse(["--out", "x", "--task", "skip=0,trace"]))
+
+
+def test_task_options_reach_the_training_answers(tok):
+    from unmask.tasks import trace
+    from unmask.training.data import TaskSource
+
+    pools = [TaskSource(tok, [name], 48).tasks[0][1] for name in ("trace:skip=0,free_order=false", "trace")]
+    assert pools[0] == pools[1]  # the same training programs; only the answers drawn differ
+    examples = draw_examples(tok, ["trace:skip=0,free_order=false"], 200)
+    plain = draw_examples(tok, ["trace"], 200)
+    # every statement traced: responses are longer on average than the default style's
+    mean = lambda rows: sum(len(e.response_ids) for e in rows) / len(rows)  # noqa: E731
+    assert mean(examples) > mean(plain) + 1
+    assert trace.TraceTask.max_response_tokens >= max(len(e.response_ids) for e in examples)
+
+
 def test_trace_hardness_grows_with_length_and_an_earlier_printed_variable():
     from unmask.tasks import get_task
     from unmask.tasks.base import Problem

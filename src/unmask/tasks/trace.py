@@ -151,10 +151,32 @@ def must_precede(first: Statement, second: Statement) -> bool:
 
 @dataclass
 class TraceTask(GeneratedTask):
-    """Generated program traces (see the module docstring); options: pool sizes and generator seed."""
+    """Generated program traces (see the module docstring).
+
+    Options: pool sizes, generator seed, and two that shape only the worked answers drawn for
+    training (`sample_response`), never the problems, the splits or the scoring:
+    - `skip`: the chance that a statement which cannot change the printed value is left out of a
+      trace (default 0.5; 0 traces every statement);
+    - `free_order`: whether statements that do not depend on one another may be traced out of
+      program order (default true; false traces them in program order).
+    At the defaults the family has all the variety the module docstring lists. `trace:skip=0,
+    free_order=false` keeps the phrasings, connectives, opening and closing but fixes which lines a
+    trace has and their order, so line k of a trace is statement k of the program: the narrower
+    style the built-in model is fine-tuned on (see the README's built-in model).
+    """
 
     name = "trace"
     max_response_tokens = MAX_RESPONSE_TOKENS
+
+    skip: float = 0.5
+    free_order: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.skip, bool) or not isinstance(self.skip, (int, float)) or not 0.0 <= self.skip <= 1.0:
+            raise UnmaskError(f"trace option skip must be a probability in [0, 1], got {self.skip!r}", field="skip")
+        if not isinstance(self.free_order, bool):
+            raise UnmaskError(f"trace option free_order must be true or false, got {self.free_order!r}", field="free_order")
 
     # -- problems -------------------------------------------------------------------------------
     def generate_problem(self, rng: random.Random) -> Problem | None:
@@ -214,15 +236,15 @@ class TraceTask(GeneratedTask):
         statements, printed = parse_program(problem.question)
         lines, env = run_program(statements)
         relevant = relevant_lines(statements, printed)
-        # statements that cannot change the printed value are traced or skipped, each on a coin flip
-        included = [line for line in lines if line.index in relevant or rng.random() < 0.5]
+        # statements that cannot change the printed value are skipped, each with chance `skip`
+        included = [line for line in lines if line.index in relevant or rng.random() < 1.0 - self.skip]
         parts = [rng.choice(OPENING).format(p=printed)]
         pending = list(included)
         while pending:
             ready = [
                 line for line in pending
                 if not any(other.index < line.index and must_precede(other.statement, line.statement) for other in pending)
-            ]
+            ] if self.free_order else pending[:1]
             line = rng.choice(ready)
             pending.remove(line)
             connective = rng.choice(LATER_CONNECTIVES if len(pending) < len(included) - 1 else FIRST_CONNECTIVES)

@@ -20,8 +20,20 @@ _DEFAULTS = TrainConfig()
 
 
 def _task_list(text: str) -> tuple[str, ...]:
-    names = tuple(name.strip() for name in text.split(",") if name.strip())
-    return names
+    """`arith,trace:skip=0,free_order=false` -> ("arith", "trace:skip=0,free_order=false").
+
+    Tasks are comma separated and so are a task's options: an item with "=" and no ":" is one
+    more option of the task before it.
+    """
+    names: list[str] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        if "=" in item and ":" not in item:
+            if not names:
+                raise UnmaskError(f"--task {text!r} starts with an option; write the task first, e.g. trace:{item}", field="tasks")
+            names[-1] += "," + item
+        else:
+            names.append(item)
+    return tuple(names)
 
 
 def _weight_list(text: str) -> tuple[float, ...]:
@@ -49,7 +61,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     d = _DEFAULTS
     sft.add_argument("--out", required=True, help="output folder (checkpoint, trainer_state.pt, train_log.jsonl)")
     sft.add_argument("--init", default=None, help="checkpoint to fine-tune (folder, hub id or 'builtin'); default: fresh network")
-    sft.add_argument("--task", default=None, help="generated tasks to train on, comma separated (default arith,trace; none with --data)")
+    sft.add_argument("--task", default=None, help="generated tasks to train on, comma separated, each with its options (e.g. arith,trace:skip=0,free_order=false; default arith,trace; none with --data)")
     sft.add_argument("--task-weights", default=None,
                      help="sampling weight per training task, comma separated, in --task order (e.g. 1,2: twice as many "
                           "trace rows; default: uniform)")
