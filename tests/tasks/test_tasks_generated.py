@@ -275,9 +275,20 @@ def test_trace_narrow_style_traces_every_statement_in_program_order():
     assert reordered_or_skipped > 20  # the default style does leave out and reorder statements
 
 
-@pytest.mark.parametrize("option", ["skip=1.5", "skip=-0.1", "skip=x", "free_order=maybe"])
+def test_trace_named_option_copies_the_statement_into_its_line():
+    problem = Problem("t", "a = 3 ; b = a + 2 ; c = b - a ; print ( c )", "2")
+    rng = random.Random(9)
+    plain = [get_task("trace").sample_response(problem, rng) for _ in range(100)]
+    named = [get_task("trace:named=1").sample_response(problem, rng) for _ in range(100)]
+    both = ("b = a + 2 = 3 + 2 = 5 .", "c = b - a = 5 - 3 = 2 .")
+    assert all(all(line in response for line in both) for response in named)
+    assert sum(all(line in response for line in both) for response in plain) < 20  # 1 in 25 expected
+    assert all(get_task("trace").score(problem, response) == 1.0 for response in named)
+
+
+@pytest.mark.parametrize("option", ["skip=1.5", "skip=-0.1", "skip=x", "free_order=maybe", "named=2", "named=-1"])
 def test_trace_style_options_are_checked(option):
-    with pytest.raises(UnmaskError, match="skip|free_order"):
+    with pytest.raises(UnmaskError, match="skip|free_order|named"):
         get_task(f"trace:{option}")
 
 

@@ -51,6 +51,7 @@ ASSIGN_BINARY = (
     "set {v} to {x} {op} {y} = {z} .",
     "{v} becomes {z} ( {x} {op} {y} ) .",
 )
+NAMED_BINARY = ASSIGN_BINARY[2]  # the phrasing that copies the statement before its values
 OPENING = ("", "we print {p} .", "we need {p} .")
 FIRST_CONNECTIVES = ("", "first")
 LATER_CONNECTIVES = ("", "then", "next", "now")
@@ -158,11 +159,17 @@ class TraceTask(GeneratedTask):
     - `skip`: the chance that a statement which cannot change the printed value is left out of a
       trace (default 0.5; 0 traces every statement);
     - `free_order`: whether statements that do not depend on one another may be traced out of
-      program order (default true; false traces them in program order).
+      program order (default true; false traces them in program order);
+    - `named`: an extra chance that a line `v = u op w` is traced in the phrasing that copies the
+      statement before its values, `v = u op w = x op y = z` (default 0: the five phrasings are
+      equally likely, so `named=0.75` makes that one 80% of lines). Copying the statement and then
+      each operand's value is one lookup per token; the other phrasings write the values alone, so
+      the model must find the statement and the operand's last value in one step.
     At the defaults the family has all the variety the module docstring lists. `trace:skip=0,
     free_order=false` keeps the phrasings, connectives, opening and closing but fixes which lines a
-    trace has and their order, so line k of a trace is statement k of the program: the narrower
-    style the built-in model is fine-tuned on (see the README's built-in model).
+    trace has and their order, so line k of a trace is statement k of the program; adding
+    `named=0.75` is the narrower style the built-in model is fine-tuned on (see the README's
+    built-in model).
     """
 
     name = "trace"
@@ -170,11 +177,14 @@ class TraceTask(GeneratedTask):
 
     skip: float = 0.5
     free_order: bool = True
+    named: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
         if isinstance(self.skip, bool) or not isinstance(self.skip, (int, float)) or not 0.0 <= self.skip <= 1.0:
             raise UnmaskError(f"trace option skip must be a probability in [0, 1], got {self.skip!r}", field="skip")
+        if isinstance(self.named, bool) or not isinstance(self.named, (int, float)) or not 0.0 <= self.named <= 1.0:
+            raise UnmaskError(f"trace option named must be a probability in [0, 1], got {self.named!r}", field="named")
         if not isinstance(self.free_order, bool):
             raise UnmaskError(f"trace option free_order must be true or false, got {self.free_order!r}", field="free_order")
 
@@ -248,7 +258,9 @@ class TraceTask(GeneratedTask):
             line = rng.choice(ready)
             pending.remove(line)
             connective = rng.choice(LATER_CONNECTIVES if len(pending) < len(included) - 1 else FIRST_CONNECTIVES)
-            parts.append(join_words(connective, self._line_text(rng.choice, line)))
+            named = self.named > 0 and line.statement.op is not None and rng.random() < self.named
+            parts.append(join_words(connective, self._line_text(lambda _: NAMED_BINARY, line) if named
+                                    else self._line_text(rng.choice, line)))
         z = env[printed]
         parts.append(rng.choice(CLOSING).format(z=z, p=printed))
         parts.append(ANSWER.format(z=z))
