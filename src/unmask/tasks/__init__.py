@@ -10,7 +10,7 @@
 
 from unmask.tasks.base import Problem, Task, answers_match, normalize_number
 from unmask.tasks.generated import count_tokens, split_of
-from unmask.tasks.registry import get_task, list_tasks, task_options
+from unmask.tasks.registry import get_task, list_tasks, parse_task_list, task_options
 
 __all__ = [
     "Problem",
@@ -19,6 +19,7 @@ __all__ = [
     "count_tokens",
     "get_task",
     "list_tasks",
+    "parse_task_list",
     "normalize_number",
     "split_of",
     "task_options",

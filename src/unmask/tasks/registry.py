@@ -35,6 +35,23 @@ def task_options(name: str) -> dict[str, object]:
     return {f.name: f.default for f in dataclasses.fields(task_class(name))}
 
 
+def parse_task_list(text: str) -> tuple[str, ...]:
+    """`arith,trace:skip=0,free_order=false` -> ("arith", "trace:skip=0,free_order=false").
+
+    Tasks are comma separated and so are a task's options: an item with "=" and no ":" is one
+    more option of the task before it.
+    """
+    names: list[str] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        if "=" in item and ":" not in item:
+            if not names:
+                raise UnmaskError(f"--task {text!r} starts with an option; write the task first, e.g. trace:{item}", field="tasks")
+            names[-1] += "," + item
+        else:
+            names.append(item)
+    return tuple(names)
+
+
 def get_task(name: str, **options) -> Task:
     """A task by name, e.g. `get_task("gsm8k", fewshot=4)` or `get_task("gsm8k:fewshot=4")`.
 

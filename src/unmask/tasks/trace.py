@@ -154,7 +154,7 @@ def must_precede(first: Statement, second: Statement) -> bool:
 class TraceTask(GeneratedTask):
     """Generated program traces (see the module docstring).
 
-    Options: pool sizes, generator seed, and two that shape only the worked answers drawn for
+    Options: pool sizes, generator seed, and three that shape only the worked answers drawn for
     training (`sample_response`), never the problems, the splits or the scoring:
     - `skip`: the chance that a statement which cannot change the printed value is left out of a
       trace (default 0.5; 0 traces every statement);
@@ -181,10 +181,10 @@ class TraceTask(GeneratedTask):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.skip, bool) or not isinstance(self.skip, (int, float)) or not 0.0 <= self.skip <= 1.0:
-            raise UnmaskError(f"trace option skip must be a probability in [0, 1], got {self.skip!r}", field="skip")
-        if isinstance(self.named, bool) or not isinstance(self.named, (int, float)) or not 0.0 <= self.named <= 1.0:
-            raise UnmaskError(f"trace option named must be a probability in [0, 1], got {self.named!r}", field="named")
+        for name in ("skip", "named"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise UnmaskError(f"trace option {name} must be a probability in [0, 1], got {value!r}", field=name)
         if not isinstance(self.free_order, bool):
             raise UnmaskError(f"trace option free_order must be true or false, got {self.free_order!r}", field="free_order")
 
@@ -259,8 +259,8 @@ class TraceTask(GeneratedTask):
             pending.remove(line)
             connective = rng.choice(LATER_CONNECTIVES if len(pending) < len(included) - 1 else FIRST_CONNECTIVES)
             named = self.named > 0 and line.statement.op is not None and rng.random() < self.named
-            parts.append(join_words(connective, self._line_text(lambda _: NAMED_BINARY, line) if named
-                                    else self._line_text(rng.choice, line)))
+            choose = (lambda _: NAMED_BINARY) if named else rng.choice
+            parts.append(join_words(connective, self._line_text(choose, line)))
         z = env[printed]
         parts.append(rng.choice(CLOSING).format(z=z, p=printed))
         parts.append(ANSWER.format(z=z))

@@ -14,26 +14,10 @@ import json
 import sys
 
 from unmask.errors import UnmaskError
+from unmask.tasks.registry import parse_task_list
 from unmask.training.trainer import TrainConfig
 
 _DEFAULTS = TrainConfig()
-
-
-def _task_list(text: str) -> tuple[str, ...]:
-    """`arith,trace:skip=0,free_order=false` -> ("arith", "trace:skip=0,free_order=false").
-
-    Tasks are comma separated and so are a task's options: an item with "=" and no ":" is one
-    more option of the task before it.
-    """
-    names: list[str] = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        if "=" in item and ":" not in item:
-            if not names:
-                raise UnmaskError(f"--task {text!r} starts with an option; write the task first, e.g. trace:{item}", field="tasks")
-            names[-1] += "," + item
-        else:
-            names.append(item)
-    return tuple(names)
 
 
 def _weight_list(text: str) -> tuple[float, ...]:
@@ -129,7 +113,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.task is not None:
-        tasks = _task_list(args.task)
+        tasks = parse_task_list(args.task)
     else:
         tasks = () if args.data else ("arith", "trace")
     return TrainConfig(
@@ -139,7 +123,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         task_weights=_weight_list(args.task_weights) if args.task_weights is not None else None,
         hard_bias=args.hard_bias,
         data=args.data,
-        eval_tasks=_task_list(args.eval_task) if args.eval_task is not None else None,
+        eval_tasks=parse_task_list(args.eval_task) if args.eval_task is not None else None,
         gen_length=args.gen_length,
         block_length=args.block_length,
         steps=args.steps,
@@ -181,7 +165,7 @@ def run_train(args: argparse.Namespace) -> int:
         from unmask.training.r2_sft import DEFAULT_CANDIDATES, R2SFTConfig, run_r2_sft
 
         result = run_r2_sft(R2SFTConfig(
-            init=args.init, out=args.out, tasks=_task_list(args.task), problems=args.problems,
+            init=args.init, out=args.out, tasks=parse_task_list(args.task), problems=args.problems,
             candidates=tuple(args.candidates or DEFAULT_CANDIDATES), steps=args.steps, batch_size=args.batch_size,
             lr=args.lr, eval_every=args.eval_every, eval_problems=args.eval_problems, eval_strategy=args.eval_strategy,
             time_budget_s=args.time_budget, seed=args.seed, progress=args.progress,

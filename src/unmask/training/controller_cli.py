@@ -19,16 +19,13 @@ import json
 
 from unmask.decoding.features import FEATURE_GROUPS
 from unmask.errors import UnmaskError
+from unmask.tasks.registry import parse_task_list
 from unmask.training.controller import ControllerTrainConfig
 from unmask.training.traces import CollectConfig
 
 COMMANDS = ("collect-traces", "controller")
 _COLLECT = CollectConfig(out="")
 _TRAIN = ControllerTrainConfig()
-
-
-def _task_list(text: str) -> tuple[str, ...]:
-    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def add_controller_commands(train_subparsers) -> None:
@@ -83,7 +80,7 @@ def add_controller_commands(train_subparsers) -> None:
 
 def collect_config_from_args(args: argparse.Namespace) -> CollectConfig:
     return CollectConfig(
-        out=args.out, model=args.model, tasks=_task_list(args.task), split=args.split, n=args.n,
+        out=args.out, model=args.model, tasks=parse_task_list(args.task), split=args.split, n=args.n,
         gen_length=args.gen_length, block_length=args.block_length, batch_size=args.batch_size, seed=args.seed,
         early_stop=args.early_stop, strategy=args.strategy, device=args.device, dtype=args.dtype,
         threads=args.threads, progress=args.progress,
