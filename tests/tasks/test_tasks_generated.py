@@ -269,8 +269,7 @@ def test_trace_narrow_style_traces_every_statement_in_program_order():
         for _ in range(3):
             response = narrow.sample_response(problem, rng)
             assert narrow.score(problem, response) == 1.0
-            if count_tokens(response) < trace.MAX_RESPONSE_TOKENS - 4:  # not the over-long fallback
-                assert traced_targets(response) == program, response
+            assert traced_targets(response) == program, response  # the fallback too traces every one
         reordered_or_skipped += traced_targets(default.sample_response(problem, rng)) != program
     assert reordered_or_skipped > 20  # the default style does leave out and reorder statements
 
@@ -286,9 +285,36 @@ def test_trace_named_option_copies_the_statement_into_its_line():
     assert all(get_task("trace").score(problem, response) == 1.0 for response in named)
 
 
-@pytest.mark.parametrize("option", ["skip=1.5", "skip=-0.1", "skip=x", "free_order=maybe", "named=2", "named=-1"])
+def test_trace_named_closing_names_the_printed_variable_before_the_answer():
+    # prints an earlier variable: the case where a model answers with the last value it computed
+    problem = Problem("t", "a = 3 ; b = a + 2 ; c = b - a ; print ( b )", "5")
+    rng = random.Random(10)
+    plain = [get_task("trace").sample_response(problem, rng) for _ in range(100)]
+    named = [get_task("trace:closing=named").sample_response(problem, rng) for _ in range(100)]
+    assert all(response.endswith("so b is 5 . the answer is 5 .") for response in named)
+    assert 15 < sum(response.endswith("so b is 5 . the answer is 5 .") for response in plain) < 60  # 1 in 3
+    assert all(get_task("trace").score(problem, response) == 1.0 for response in named)
+
+
+def test_trace_fallback_keeps_what_the_options_fix_and_fits():
+    default, narrow = get_task("trace"), get_task("trace:skip=0,free_order=false,named=1,closing=named")
+    problems = [p for p in default.problems("test")[:300] if len(trace.parse_program(p.question)[0]) == 4]
+    assert len(problems) > 50
+    for problem in problems:
+        assert default.fallback_response(problem) == default.shortest_response(problem)  # defaults: unchanged
+        response = narrow.fallback_response(problem)
+        assert count_tokens(response) <= trace.MAX_RESPONSE_TOKENS
+        assert narrow.score(problem, response) == 1.0
+        statements, printed = trace.parse_program(problem.question)
+        assert traced_targets(response) == [s.target for s in statements]  # every statement, in order
+        assert f"so {printed} is {problem.answer} ." in response
+
+
+@pytest.mark.parametrize(
+    "option", ["skip=1.5", "skip=-0.1", "skip=x", "free_order=maybe", "named=2", "named=-1", "closing=last"]
+)
 def test_trace_style_options_are_checked(option):
-    with pytest.raises(UnmaskError, match="skip|free_order|named"):
+    with pytest.raises(UnmaskError, match="skip|free_order|named|closing"):
         get_task(f"trace:{option}")
 
 

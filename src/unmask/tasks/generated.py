@@ -134,15 +134,20 @@ class GeneratedTask(Task):
         return extract_answer_phrase(completion)
 
     def sample_response(self, problem: Problem, rng: random.Random) -> str:
-        """Draw whole responses until one fits the length bound; the shortest form always fits."""
+        """Draw whole responses until one fits the length bound, else the fallback (which fits)."""
         for _ in range(64):
             response = self.draw_response(problem, rng)
             if count_tokens(response) <= self.max_response_tokens:
                 return response
-        return self.shortest_response(problem)
+        return self.fallback_response(problem)
 
     def draw_response(self, problem: Problem, rng: random.Random) -> str:
         raise NotImplementedError
 
     def shortest_response(self, problem: Problem) -> str:
         raise NotImplementedError
+
+    def fallback_response(self, problem: Problem) -> str:
+        """What `sample_response` returns when no draw fits: the shortest form, unless a task's
+        options ask for a longer fixed form that still fits."""
+        return self.shortest_response(problem)

@@ -56,6 +56,8 @@ OPENING = ("", "we print {p} .", "we need {p} .")
 FIRST_CONNECTIVES = ("", "first")
 LATER_CONNECTIVES = ("", "then", "next", "now")
 CLOSING = ("", "so it prints {z} .", "so {p} is {z} .")
+NAMED_CLOSING = CLOSING[2]  # names the printed variable before its value
+CLOSINGS = ("any", "named")  # the `closing` option's values
 ANSWER = "the answer is {z} ."
 
 
@@ -154,7 +156,7 @@ def must_precede(first: Statement, second: Statement) -> bool:
 class TraceTask(GeneratedTask):
     """Generated program traces (see the module docstring).
 
-    Options: pool sizes, generator seed, and three that shape only the worked answers drawn for
+    Options: pool sizes, generator seed, and four that shape only the worked answers drawn for
     training (`sample_response`), never the problems, the splits or the scoring:
     - `skip`: the chance that a statement which cannot change the printed value is left out of a
       trace (default 0.5; 0 traces every statement);
@@ -164,7 +166,12 @@ class TraceTask(GeneratedTask):
       statement before its values, `v = u op w = x op y = z` (default 0: the five phrasings are
       equally likely, so `named=0.75` makes that one 80% of lines). Copying the statement and then
       each operand's value is one lookup per token; the other phrasings write the values alone, so
-      the model must find the statement and the operand's last value in one step.
+      the model must find the statement and the operand's last value in one step;
+    - `closing`: `any` (default) draws the closing sentence among none, `so it prints z .` and
+      `so p is z .`; `named` always writes `so p is z .`, so the answer follows the printed
+      variable's name and its value is the same lookup of a name's last value as an operand's.
+      Without it, a model that traces right still tends to answer with the last value it computed
+      when the program prints an earlier variable (see the README's built-in model).
     At the defaults the family has all the variety the module docstring lists. `trace:skip=0,
     free_order=false` keeps the phrasings, connectives, opening and closing but fixes which lines a
     trace has and their order, so line k of a trace is statement k of the program; adding
@@ -178,6 +185,7 @@ class TraceTask(GeneratedTask):
     skip: float = 0.5
     free_order: bool = True
     named: float = 0.0
+    closing: str = "any"
 
     def __post_init__(self):
         super().__post_init__()
@@ -187,6 +195,8 @@ class TraceTask(GeneratedTask):
                 raise UnmaskError(f"trace option {name} must be a probability in [0, 1], got {value!r}", field=name)
         if not isinstance(self.free_order, bool):
             raise UnmaskError(f"trace option free_order must be true or false, got {self.free_order!r}", field="free_order")
+        if self.closing not in CLOSINGS:
+            raise UnmaskError(f"trace option closing must be one of {', '.join(CLOSINGS)}, got {self.closing!r}", field="closing")
 
     # -- problems -------------------------------------------------------------------------------
     def generate_problem(self, rng: random.Random) -> Problem | None:
@@ -262,17 +272,39 @@ class TraceTask(GeneratedTask):
             choose = (lambda _: NAMED_BINARY) if named else rng.choice
             parts.append(join_words(connective, self._line_text(choose, line)))
         z = env[printed]
-        parts.append(rng.choice(CLOSING).format(z=z, p=printed))
+        closing = NAMED_CLOSING if self.closing == "named" else rng.choice(CLOSING)
+        parts.append(closing.format(z=z, p=printed))
         parts.append(ANSWER.format(z=z))
         return join_words(*parts)
 
     def shortest_response(self, problem: Problem) -> str:
         return self._shortest(*parse_program(problem.question))
 
+    def fallback_response(self, problem: Problem) -> str:
+        """The plain form that keeps what these options fix: every statement when `skip=0`, the
+        named closing when `closing=named`; the shortest form if that would not fit.
+
+        Four-statement programs written with the copying phrasing and the named closing often run
+        past the length bound, and falling back to the shortest form (relevant lines only, no
+        closing) would teach those programs, the hardest, without the step the options add. At the
+        defaults this is the shortest form, so default draws are unchanged.
+        """
+        statements, printed = parse_program(problem.question)
+        response = self._plain(statements, printed, every=self.skip == 0, closing=self.closing == "named")
+        return response if count_tokens(response) <= self.max_response_tokens else self._shortest(statements, printed)
+
     def _shortest(self, statements: list[Statement], printed: str) -> str:
+        return self._plain(statements, printed, every=False, closing=False)
+
+    def _plain(self, statements: list[Statement], printed: str, *, every: bool, closing: bool) -> str:
+        """Lines in program order in their first phrasing (all, or only the relevant ones), an
+        optional named closing, then the answer."""
         lines, env = run_program(statements)
         relevant = relevant_lines(statements, printed)
-        parts = [self._line_text(lambda templates: templates[0], line) for line in lines if line.index in relevant]
+        first = lambda templates: templates[0]  # noqa: E731
+        parts = [self._line_text(first, line) for line in lines if every or line.index in relevant]
+        if closing:
+            parts.append(NAMED_CLOSING.format(z=env[printed], p=printed))
         parts.append(ANSWER.format(z=env[printed]))
         return join_words(*parts)
 
