@@ -310,11 +310,27 @@ def test_trace_fallback_keeps_what_the_options_fix_and_fits():
         assert f"so {printed} is {problem.answer} ." in response
 
 
+def test_trace_stop_early_ends_every_trace_on_the_printed_variable():
+    task = get_task("trace:skip=0,free_order=false,stop_early=true")
+    rng = random.Random(11)
+    stopped = 0
+    for problem in get_task("trace").problems("test")[:300]:
+        statements, printed = trace.parse_program(problem.question)
+        end = trace.last_assignment(statements, printed)
+        assert statements[end].target == printed and all(s.target != printed for s in statements[end + 1:])
+        for response in (task.sample_response(problem, rng), task.fallback_response(problem)):
+            assert task.score(problem, response) == 1.0
+            assert traced_targets(response) == [s.target for s in statements[: end + 1]], response
+        stopped += end < len(statements) - 1
+    assert stopped > 20  # programs that print an earlier variable are common
+
+
 @pytest.mark.parametrize(
-    "option", ["skip=1.5", "skip=-0.1", "skip=x", "free_order=maybe", "named=2", "named=-1", "closing=last"]
+    "option",
+    ["skip=1.5", "skip=-0.1", "skip=x", "free_order=maybe", "named=2", "named=-1", "closing=last", "stop_early=2"],
 )
 def test_trace_style_options_are_checked(option):
-    with pytest.raises(UnmaskError, match="skip|free_order|named|closing"):
+    with pytest.raises(UnmaskError, match="skip|free_order|named|closing|stop_early"):
         get_task(f"trace:{option}")
 
 

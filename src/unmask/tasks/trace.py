@@ -143,6 +143,11 @@ def relevant_lines(statements: list[Statement], printed: str) -> set[int]:
     return relevant
 
 
+def last_assignment(statements: list[Statement], printed: str) -> int:
+    """Index of the last statement that assigns the printed variable: later ones cannot change it."""
+    return max(index for index, statement in enumerate(statements) if statement.target == printed)
+
+
 def must_precede(first: Statement, second: Statement) -> bool:
     """Whether `first` (earlier in the program) must be traced before `second`."""
     return (
@@ -156,7 +161,7 @@ def must_precede(first: Statement, second: Statement) -> bool:
 class TraceTask(GeneratedTask):
     """Generated program traces (see the module docstring).
 
-    Options: pool sizes, generator seed, and four that shape only the worked answers drawn for
+    Options: pool sizes, generator seed, and five that shape only the worked answers drawn for
     training (`sample_response`), never the problems, the splits or the scoring:
     - `skip`: the chance that a statement which cannot change the printed value is left out of a
       trace (default 0.5; 0 traces every statement);
@@ -171,7 +176,13 @@ class TraceTask(GeneratedTask):
       `so p is z .`; `named` always writes `so p is z .`, so the answer follows the printed
       variable's name and its value is the same lookup of a name's last value as an operand's.
       Without it, a model that traces right still tends to answer with the last value it computed
-      when the program prints an earlier variable (see the README's built-in model).
+      when the program prints an earlier variable (see the README's built-in model);
+    - `stop_early`: whether a trace always stops at the printed variable's last assignment,
+      leaving out the statements after it, which cannot change the printed value (default false:
+      they are skipped like any other such statement, with chance `skip`). With `skip=0` a trace
+      is then statements 1..k of the program, k the printed variable's last assignment, so the
+      value a trace ends on is always the answer, and the model's only new decision is when to
+      stop: whether a later statement assigns the printed variable again.
     At the defaults the family has all the variety the module docstring lists. `trace:skip=0,
     free_order=false` keeps the phrasings, connectives, opening and closing but fixes which lines a
     trace has and their order, so line k of a trace is statement k of the program; adding
@@ -186,6 +197,7 @@ class TraceTask(GeneratedTask):
     free_order: bool = True
     named: float = 0.0
     closing: str = "any"
+    stop_early: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -193,8 +205,9 @@ class TraceTask(GeneratedTask):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise UnmaskError(f"trace option {name} must be a probability in [0, 1], got {value!r}", field=name)
-        if not isinstance(self.free_order, bool):
-            raise UnmaskError(f"trace option free_order must be true or false, got {self.free_order!r}", field="free_order")
+        for name in ("free_order", "stop_early"):
+            if not isinstance(getattr(self, name), bool):
+                raise UnmaskError(f"trace option {name} must be true or false, got {getattr(self, name)!r}", field=name)
         if self.closing not in CLOSINGS:
             raise UnmaskError(f"trace option closing must be one of {', '.join(CLOSINGS)}, got {self.closing!r}", field="closing")
 
@@ -257,7 +270,12 @@ class TraceTask(GeneratedTask):
         lines, env = run_program(statements)
         relevant = relevant_lines(statements, printed)
         # statements that cannot change the printed value are skipped, each with chance `skip`
-        included = [line for line in lines if line.index in relevant or rng.random() < 1.0 - self.skip]
+        # (always, with `stop_early`, those after the printed variable's last assignment)
+        end = last_assignment(statements, printed) if self.stop_early else len(lines) - 1
+        included = [
+            line for line in lines
+            if line.index <= end and (line.index in relevant or rng.random() < 1.0 - self.skip)
+        ]
         parts = [rng.choice(OPENING).format(p=printed)]
         pending = list(included)
         while pending:
@@ -281,8 +299,9 @@ class TraceTask(GeneratedTask):
         return self._shortest(*parse_program(problem.question))
 
     def fallback_response(self, problem: Problem) -> str:
-        """The plain form that keeps what these options fix: every statement when `skip=0`, the
-        named closing when `closing=named`; the shortest form if that would not fit.
+        """The plain form that keeps what these options fix: every statement when `skip=0` (up to
+        the printed variable's last assignment with `stop_early`), the named closing when
+        `closing=named`; the shortest form if that would not fit.
 
         Four-statement programs written with the copying phrasing and the named closing often run
         past the length bound, and falling back to the shortest form (relevant lines only, no
@@ -290,7 +309,9 @@ class TraceTask(GeneratedTask):
         defaults this is the shortest form, so default draws are unchanged.
         """
         statements, printed = parse_program(problem.question)
-        response = self._plain(statements, printed, every=self.skip == 0, closing=self.closing == "named")
+        every = self.skip == 0
+        end = last_assignment(statements, printed) if self.stop_early else len(statements) - 1
+        response = self._plain(statements[: end + 1], printed, every=every, closing=self.closing == "named")
         return response if count_tokens(response) <= self.max_response_tokens else self._shortest(statements, printed)
 
     def _shortest(self, statements: list[Statement], printed: str) -> str:
