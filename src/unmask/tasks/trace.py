@@ -185,9 +185,9 @@ class TraceTask(GeneratedTask):
       stop: whether a later statement assigns the printed variable again.
     At the defaults the family has all the variety the module docstring lists. `trace:skip=0,
     free_order=false` keeps the phrasings, connectives, opening and closing but fixes which lines a
-    trace has and their order, so line k of a trace is statement k of the program; adding
-    `named=0.75` is the narrower style the built-in model is fine-tuned on (see the README's
-    built-in model).
+    trace has and their order, so line k of a trace is statement k of the program. The built-in
+    model's last runs narrowed it step by step (see the README's built-in model): `named=0.75`,
+    then `closing=named,stop_early=true`.
     """
 
     name = "trace"
