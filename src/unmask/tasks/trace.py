@@ -271,7 +271,7 @@ class TraceTask(GeneratedTask):
         relevant = relevant_lines(statements, printed)
         # statements that cannot change the printed value are skipped, each with chance `skip`
         # (always, with `stop_early`, those after the printed variable's last assignment)
-        end = last_assignment(statements, printed) if self.stop_early else len(lines) - 1
+        end = self._last_traced(statements, printed)
         included = [
             line for line in lines
             if line.index <= end and (line.index in relevant or rng.random() < 1.0 - self.skip)
@@ -309,10 +309,14 @@ class TraceTask(GeneratedTask):
         defaults this is the shortest form, so default draws are unchanged.
         """
         statements, printed = parse_program(problem.question)
-        every = self.skip == 0
-        end = last_assignment(statements, printed) if self.stop_early else len(statements) - 1
-        response = self._plain(statements[: end + 1], printed, every=every, closing=self.closing == "named")
+        traced = statements[: self._last_traced(statements, printed) + 1]
+        response = self._plain(traced, printed, every=self.skip == 0, closing=self.closing == "named")
         return response if count_tokens(response) <= self.max_response_tokens else self._shortest(statements, printed)
+
+    def _last_traced(self, statements: list[Statement], printed: str) -> int:
+        """Index of the last statement a trace may include: all of them, or with `stop_early` the
+        printed variable's last assignment."""
+        return last_assignment(statements, printed) if self.stop_early else len(statements) - 1
 
     def _shortest(self, statements: list[Statement], printed: str) -> str:
         return self._plain(statements, printed, every=False, closing=False)
