@@ -30,8 +30,9 @@ Choices where the paper is silent:
 - momentum looks only at calls made while the position's block was the current one (a policy
   sees confidences of the current block only); at a block's first call the differences are 0, and
   with fewer than 3 earlier calls the 3-call difference reaches back to the block's first call;
-- stability and the flip flag follow the loop's `stable` count, over every call of the decode
-  (the top-1 is known for the whole generation at every call);
+- stability and the flip flag follow the loop's `stable` count: calls of the current block that
+  recomputed the position and found the same top-1 (a block's first call starts it at 1 and never
+  counts as a flip);
 - the left neighbour of a block is always decided (earlier blocks, or the prompt), so a position
   with only masks to its left in the block has left distance offset + 1; a block's right side is
   still masked, so with no decided token to its right the distance is the cap.
@@ -93,7 +94,7 @@ def step_features(
     confidence_history: torch.Tensor,  # (n, block, HISTORY) earlier calls in this block, newest first, NaN if none
     margin_history: torch.Tensor,  # (n, block, HISTORY)
     stable: torch.Tensor,  # (n, block) calls (this one included) with the same top-1
-    has_previous: torch.Tensor,  # (n,) bool: a call was made before this one in the decode
+    has_previous: torch.Tensor,  # (n,) bool: a call was made before this one in the block
     masked: torch.Tensor,  # (n, block) bool, masked when the call was made
     block_step: torch.Tensor,  # (n,) calls already made in this block
     block_start: torch.Tensor,  # (n,) generation index of the block's first position
@@ -200,7 +201,7 @@ class FeatureTracker:
             return Observation(features=None, windows=None, margin_history=margin_past)
         features = step_features(
             view.top1_prob, view.margin, view.entropy, conf_hist, margin_hist, view.stable,
-            has_previous=torch.full((view.batch,), view.step > 0, dtype=torch.bool, device=pos.device),
+            has_previous=view.block_step > 0,
             masked=view.masked, block_step=view.block_step, block_start=pos[:, 0],
             block_length=view.block_length, gen_length=view.gen_length,
         )
@@ -225,11 +226,17 @@ class TraceFeatures:
     block_step: np.ndarray  # (steps,) calls already made in the block
 
 
-def loop_stability(top1: np.ndarray) -> np.ndarray:
-    """(steps, gen) consecutive calls with the same top-1, as the loop counts it."""
+def loop_stability(top1: np.ndarray, block: np.ndarray) -> np.ndarray:
+    """(steps, gen) consecutive calls of the current block with the same top-1, as the loop counts it.
+
+    `block` (steps,) is each call's block index; a block's first call starts every streak at 1.
+    Exact for the current block's positions, which every call recomputes (a trace does not say
+    which other positions a cached call recomputed).
+    """
     stable = np.ones_like(top1, dtype=np.int64)
     for t in range(1, top1.shape[0]):
-        stable[t] = np.where(top1[t] == top1[t - 1], stable[t - 1] + 1, 1)
+        same = (top1[t] == top1[t - 1]) & (block[t] == block[t - 1])
+        stable[t] = np.where(same, stable[t - 1] + 1, 1)
     return stable
 
 
@@ -255,7 +262,7 @@ def trace_features(trace, block_length: int) -> TraceFeatures:
             out[ok, :, k - 1] = array[(t - k)[ok][:, None], positions[ok]]
         return out
 
-    stable = loop_stability(trace.top1)
+    stable = loop_stability(trace.top1, trace.block)
     features = step_features(
         torch.from_numpy(at(trace.confidence, t)),
         torch.from_numpy(at(trace.margin, t)),
@@ -263,7 +270,7 @@ def trace_features(trace, block_length: int) -> TraceFeatures:
         torch.from_numpy(history(trace.confidence)),
         torch.from_numpy(history(trace.margin)),
         torch.from_numpy(at(stable, t)),
-        has_previous=torch.from_numpy(t > 0),
+        has_previous=torch.from_numpy(block_step > 0),
         masked=torch.from_numpy(at(trace.masked_before, t)),
         block_step=torch.from_numpy(block_step),
         block_start=torch.from_numpy(block_start),

@@ -203,6 +203,7 @@ class Decoder:
         # what the model last said at every generation position (a cached call computes only some
         # positions; the others keep their last prediction, which is the cache's approximation)
         known_top1 = torch.full((batch, gen), model.mask_id, dtype=torch.long, device=device)
+        fresh = torch.zeros((batch, gen), dtype=torch.bool, device=device)  # recomputed by this step's call
         known_stats = {key: torch.full((batch, gen), float("nan"), device=device)
                        for key in ("top1_prob", "margin", "entropy")} if cfg.record_trace else None
         self._canvas = (canvas, attention, positions, prompt_len)
@@ -215,7 +216,8 @@ class Decoder:
             b = idx.shape[0]
             block_pos = (block_idx[idx] * block_len)[:, None] + offsets  # (b, block)
             arange_b = torch.arange(b, device=device)[:, None]
-            blk_logits = self._step_logits(idx, block_pos, block_step, pending, cache, known_top1, known_stats, cfg.cache)
+            blk_logits = self._step_logits(idx, block_pos, block_step, pending, cache, known_top1, known_stats, cfg.cache,
+                                            fresh)
             gen_top1 = known_top1[idx]  # (b, gen)
             stats = token_stats(blk_logits)
             full = {k: v[idx] for k, v in known_stats.items()} if known_stats is not None else None
@@ -227,9 +229,15 @@ class Decoder:
             else:
                 candidate, confidence = stats["top1"], stats["top1_prob"]
 
-            same = gen_top1 == prev_top1[idx]
-            stable[idx] = torch.where(same, stable[idx] + 1, torch.ones_like(gen_top1))
+            # the stability streak: calls of this block that recomputed a position and found the same
+            # top-1; a block's first call starts every streak at 1, a call that left the position
+            # out (a cached call) does not extend it
+            fresh_rows = fresh[idx]
+            restart = (block_step[idx] == 0)[:, None] | (gen_top1 != prev_top1[idx])
+            streak = torch.where(restart, torch.ones_like(gen_top1), stable[idx] + 1)
+            stable[idx] = torch.where(fresh_rows, streak, stable[idx])
             prev_top1[idx] = gen_top1
+            fresh[idx] = False
             tokens_blk = gen_view[idx][arange_b, block_pos]
             masked = tokens_blk == model.mask_id
             view = StepView(
@@ -416,10 +424,11 @@ class Decoder:
         rows_count[rows.cpu()] += rows_per_seq
         return logits
 
-    def _step_logits(self, idx, block_pos, block_step, pending, cache, known_top1, known_stats, mode):
+    def _step_logits(self, idx, block_pos, block_step, pending, cache, known_top1, known_stats, mode, fresh):
         """Block logits (b, block, V) for this step, from a verification's leftovers or a model call.
 
-        Updates `known_top1` (and the trace's statistics) at every position the call computed.
+        Updates `known_top1` (and the trace's statistics) at every position the call computed, and marks
+        those positions in `fresh`.
         """
         model = self.model
         prompt_len = self._canvas[3]
@@ -430,7 +439,7 @@ class Decoder:
         for j, row in enumerate(idx.tolist()):
             if row in pending:
                 where, logits = pending.pop(row)
-                self._remember(idx[j : j + 1], where[None], logits[None], known_top1, known_stats)
+                self._remember(idx[j : j + 1], where[None], logits[None], known_top1, known_stats, fresh)
                 lookup = torch.full((gen,), -1, dtype=torch.long, device=device)
                 lookup[where] = torch.arange(where.shape[0], device=device)
                 blk[j] = logits[lookup[block_pos[j]]]
@@ -460,7 +469,7 @@ class Decoder:
                     width = gen - int(starts.min())
                     where = (starts[:, None] + torch.arange(width, device=device)[None]).clamp(max=gen - 1)
                 logits = self._forward(r, prompt_len, query_pos=where + prompt_len, cache=cache)
-            self._remember(r, where, logits, known_top1, known_stats)
+            self._remember(r, where, logits, known_top1, known_stats, fresh)
             lookup = torch.full((r.shape[0], gen), -1, dtype=torch.long, device=device)
             lookup.scatter_(1, where, torch.arange(where.shape[1], device=device).expand_as(where))
             pick = lookup.gather(1, block_pos[sel])
@@ -468,11 +477,14 @@ class Decoder:
         return blk
 
     @staticmethod
-    def _remember(rows, where, logits, known_top1, known_stats) -> None:
+    def _remember(rows, where, logits, known_top1, known_stats, fresh) -> None:
         top1 = logits.argmax(-1)
         kt = known_top1[rows]
         kt.scatter_(1, where, top1)
         known_top1[rows] = kt
+        seen = fresh[rows]
+        seen.scatter_(1, where, True)
+        fresh[rows] = seen
         if known_stats is not None:
             stats = token_stats(logits)
             for key, buf in known_stats.items():

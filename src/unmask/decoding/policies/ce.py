@@ -136,7 +136,7 @@ class ConfidenceExtrapolation:
         first = (seen == 0)[..., None]
         x, p, seen = torch.where(first, x0, x1), torch.where(first, p0, p1), seen + 1
         state["x"][rows, pos], state["p"][rows, pos], state["seen"][rows, pos] = x, p, seen
-        flips = state["flips"][rows, pos] + ((view.stable == 1) & (view.step > 0)).long()
+        flips = state["flips"][rows, pos] + ((view.stable == 1) & (view.block_step > 0)[:, None]).long()
         state["flips"][rows, pos] = flips
         return x, p, seen, flips
 
@@ -155,7 +155,7 @@ class ConfidenceExtrapolation:
         lookahead = masked & settled & (seen >= 2) & (left_unsettled == 0) & (lower.amax(-1) >= gamma)
 
         # holds: oscillating (a top-1 flipping back and forth, or a zigzag margin) or under-confident
-        changed_now = (view.stable == 1) & (view.step > 0)
+        changed_now = (view.stable == 1) & (view.block_step > 0)[:, None]
         flipping = changed_now & (flips >= cfg.flips) & (cfg.flips > 0)
         trail = torch.cat([view.margin.float()[..., None], observation.margin_history], dim=-1)  # newest first
         moves = trail[..., :-1] - trail[..., 1:]
