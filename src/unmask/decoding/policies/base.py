@@ -82,8 +82,9 @@ class Decision:
     commit: torch.Tensor  # (batch, block) bool, only masked positions may be True
     tokens: torch.Tensor | None = None  # (batch, block) tokens to write; defaults to view.candidate
     remask: torch.Tensor | None = None  # (batch, block) bool, remasking policies only
-    # per-sequence counts of named events this step, e.g. {"cluster_collapses": (batch,) ints};
-    # the loop sums them into `SequenceResult.events` (R²'s spatial events are counted this way)
+    # per-sequence counts of named events this step, e.g. {"cluster_commits": (batch,) ints};
+    # the loop sums them into `SequenceResult.events` (a policy's own counts, reported beside R_total,
+    # which is computed from the trace alone)
     events: dict[str, torch.Tensor] | None = None
     # speculative drafts (PSD): (batch, K, block) block contents at depths 1..K, built from this
     # step's predictions with no model call; the loop scores the committed block and the drafts in
