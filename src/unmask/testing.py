@@ -423,3 +423,17 @@ def assert_left_padding_is_invisible(model: DiffusionLM, rows: list[list[int]], 
         for b, row in enumerate(rows):
             alone = model.logits(torch.tensor([row]))[0]
             torch.testing.assert_close(batched[b, width - len(row) :], alone, rtol=tol, atol=tol)
+
+
+def write_tiny_controller(folder: str | Path, seed: int = 0) -> Path:
+    """An untrained TSPD controller (random weights, seeded) saved in `folder`, for decode tests.
+
+    Its probabilities are arbitrary but deterministic, which is all the loop's properties need.
+    """
+    from unmask.training.controller import Controller
+
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    controller = Controller()
+    torch.random.set_rng_state(generator_state)
+    return controller.save(folder)

@@ -8,7 +8,7 @@ from unmask.decoding import generate, policy_names
 from unmask.decoding.loop import encode_prompts, token_stats
 from unmask.errors import UnmaskError
 from unmask.models.cache import KVCache
-from unmask.testing import tiny_dream, tiny_llada
+from unmask.testing import tiny_dream, tiny_llada, write_tiny_controller
 
 PROMPTS = ["hello world", "what is 3 plus 4 ?", "tom has 5 apples"]
 
@@ -67,14 +67,15 @@ def test_the_check_catches_a_cache_that_is_not_refreshed(monkeypatch):
 
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
 @pytest.mark.parametrize("make", [tiny_llada, tiny_dream])
-def test_cached_decodes_are_batch_invariant_for_every_policy(mode, make):
+def test_cached_decodes_are_batch_invariant_for_every_policy(mode, make, tmp_path):
     model = make(gen_length=16, block_length=8)
-    for name in policy_names():
-        if name in ("tspd",):  # needs a trained controller; covered by its own tests
-            continue
-        batch = generate(model, PROMPTS, name, cache=mode)
+    # tspd (with CE) runs with an untrained, seeded controller
+    specs = {name: name for name in policy_names()}
+    specs["tspd"] = f"tspd:tau=0.5,ce=true,controller={write_tiny_controller(tmp_path / 'controller')}"
+    for name, spec in specs.items():
+        batch = generate(model, PROMPTS, spec, cache=mode)
         for prompt, seq in zip(PROMPTS, batch.sequences):
-            alone = generate(model, [prompt], name, cache=mode).sequences[0]
+            alone = generate(model, [prompt], spec, cache=mode).sequences[0]
             assert (alone.tokens, alone.nfe, alone.rows) == (seq.tokens, seq.nfe, seq.rows), (name, prompt)
 
 
