@@ -91,3 +91,35 @@ def test_psd_is_batch_invariant_and_counts_per_sequence():
         alone = generate(model, [prompt], "psd:tau=0.3").sequences[0]
         assert (alone.tokens, alone.nfe, alone.rows) == (seq.tokens, seq.nfe, seq.rows)
 
+
+
+def test_the_default_groups_are_the_threshold_rules_simulated_next_step():
+    # psd at its defaults (threshold 0.9, depth 3, the paper's setting). Every remaining position
+    # is below 0.9, so the threshold rule's simulated next step is its forced single most
+    # confident position: groups of one.
+    # call 1: plain forward, commits position 0 (0.95); drafts G1={1}, G2={2}, G3={3}
+    # call 2: verifies x0..x3 (4 rows), all consistent: depth 3. Its logits serve the next step:
+    #         commits 4 (forced), drafts {5}, {6}, {7}
+    # call 3: verifies 4 rows, depth 3: the block is full
+    model = _model()
+    seq = generate(model, ["hello"], parse_strategy("psd"), record_trace=True).sequences[0]
+    assert model.network.calls == [1, 4, 4]
+    assert seq.nfe == 3 and seq.rows == 9
+    assert seq.tokens == TARGET
+    assert seq.trace.tokens_after[0].tolist() == TARGET[:4] + [MASK] * 4
+
+
+def test_group_by_rate_drafts_as_many_per_group_as_the_rule_committed():
+    # two positions clear 0.9 on the first call (0.95, 0.93): group_by_rate makes groups of 2
+    conf = [0.95, 0.93, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25]
+
+    def rule(row, gen_start):
+        probs = torch.full((row.shape[0], V), 1.0 / V)
+        probs[gen_start:] = peaked(TARGET, conf, V)
+        return probs
+
+    model = scripted_model(rule, gen_length=GEN, block_length=GEN, tokenizer=TOK)
+    seq = generate(model, ["hello"], parse_strategy("psd:group_by_rate=true"), record_trace=True).sequences[0]
+    # call 1 commits 0, 1 and drafts G1={2,3}, G2={4,5}, G3={6,7}; call 2 accepts all of them
+    assert model.network.calls == [1, 4]
+    assert seq.trace.tokens_after[0].tolist() == TARGET

@@ -17,8 +17,10 @@ class PSDConfig(PolicyConfig):
     tau: float = 0.9  # threshold on confidence (threshold) or on the top-1/top-2 margin (margin)
     k: int = 2  # positions per step for unmask=topk
     depth: int = 3  # K: drafts per step (the paper recommends 3)
-    group: int = 0  # positions per draft group; 0 = as many as the unmasking rule committed this step
-    adaptive_depth: bool = True  # draft at most one level deeper than the last accepted depth
+    group: int = 0  # positions per draft group; 0 = the unmasking rule's simulated next step (the paper)
+    # departures, off by default, each measured beside the paper's setting:
+    group_by_rate: bool = False  # a group as large as this step's commit count (when group=0)
+    adaptive_depth: bool = False  # draft at most one level deeper than the last accepted depth
     accept_tau: float = 0.0  # also require the confirming prediction's probability >= this (0: argmax only)
 
     def validate(self) -> None:
@@ -50,11 +52,17 @@ class PSD(Policy):
     on the shallower accepted groups. The accepted row's logits are the next step's forward pass, so
     a verification call also advances the decode. Rejected tokens are never committed.
 
-    Choices where the paper is silent: a group's size is by default the number of positions the
-    unmasking rule committed in this step (the policy's "simulated next step" at its current rate;
-    `group=N` fixes it); with `adaptive_depth` the depth drafted is at most one more than the depth
-    accepted last time (as adaptive draft lengths do in AR speculative decoding), which saves rows
-    when drafts keep failing. The first call of a decode is a plain forward.
+    The paper's setting is the default: depth 3, and each group is the unmasking rule's simulated
+    next step, i.e. the rule applied again to the positions still masked, with this call's scores.
+    Every one of them is below the threshold (else the rule would have committed it now), so the
+    threshold and margin rules' next step is their forced single most confident position, and
+    top-k's is the next k: groups of 1 (k for top-k). `group=N` fixes the size. The first call of
+    a decode is a plain forward.
+
+    Departures, off by default: `group_by_rate=true` makes a group as large as the number of
+    positions the rule committed this step (drafts grow with the rule's current rate);
+    `adaptive_depth=true` drafts at most one level deeper than the depth accepted last time (as
+    adaptive draft lengths do in AR speculative decoding), which saves rows when drafts keep failing.
 
     `accept_tau` (default 0, the paper's check) can also ask the confirming prediction to be
     confident: argmax agreement at probability 0.3 is weak evidence, and each accepted token skips
@@ -69,6 +77,7 @@ class PSD(Policy):
 
     name = "psd"
     Config = PSDConfig
+    departures = ("group_by_rate", "adaptive_depth", "accept_tau")
 
     def init_state(self, batch_size, gen_length, device):
         # last accepted depth per sequence (adaptive depth starts from the full depth)
@@ -89,7 +98,12 @@ class PSD(Policy):
         committed = torch.where(commit, view.candidate, view.tokens)
         remaining = view.masked & ~commit
         n_remaining = remaining.sum(-1)
-        group = torch.full_like(n_remaining, cfg.group) if cfg.group else commit.sum(-1).clamp(min=1)
+        if cfg.group:
+            group = torch.full_like(n_remaining, cfg.group)
+        elif cfg.group_by_rate:
+            group = commit.sum(-1).clamp(min=1)
+        else:  # the rule's simulated next step on what is still masked
+            group = torch.full_like(n_remaining, cfg.k if cfg.unmask == "topk" else 1)
         depth_row = torch.minimum((n_remaining + group - 1) // group, torch.full_like(n_remaining, cfg.depth))
         if cfg.adaptive_depth:
             depth_row = torch.minimum(depth_row, state["last_depth"][view.rows] + 1)
