@@ -89,9 +89,13 @@ def cmd_strategies(args) -> int:
         print(json.dumps(policies, indent=2, default=str))
         return 0
     for pol in policies:
-        params = ", ".join(f"{p['name']}={p['default']}" for p in pol["params"])
+        params = ", ".join(f"{p['name']}={p['default']}" for p in pol["params"] if not p["departure"])
+        departures = ", ".join(f"{p['name']}={p['default']}" for p in pol["params"] if p["departure"])
         print(f"{pol['name']:<16} {pol['summary']}")
         print(f"{'':<16} parameters: {params}")
+        if departures:
+            print(f"{'':<16} departures from the paper (options, off by default): {departures}")
+    print("\nDefaults are each method's paper setting (its public code's where the paper is silent).")
     return 0
 
 

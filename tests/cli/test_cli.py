@@ -18,7 +18,7 @@ def test_strategies_lists_the_eight_baselines_with_parameters(capsys):
     assert main(["strategies", "--json"]) == 0
     listed = {p["name"]: p for p in json.loads(capsys.readouterr().out)}
     assert EIGHT <= set(listed)
-    assert {"name": "tau", "type": "float", "default": 0.9} in listed["threshold"]["params"]
+    assert {"name": "tau", "type": "float", "default": 0.9, "departure": False} in listed["threshold"]["params"]
 
 
 def test_generate_prints_text_then_one_summary_line(tiny_checkpoint, capsys):

@@ -195,7 +195,8 @@ def test_describe_policies_lists_every_policy_with_params_and_defaults():
     assert {p["name"]: p["default"] for p in by_name["threshold"]["params"]} == {"temperature": 0.0, "tau": 0.9}
     assert {p["name"]: p["default"] for p in by_name["factor"]["params"]} == {"temperature": 0.0, "factor": 1.0}
     for name in ("low_confidence", "random", "margin", "entropy"):
-        assert {p["name"]: p["default"] for p in by_name[name]["params"]} == {"temperature": 0.0, "steps": None}
+        assert {p["name"]: p["default"] for p in by_name[name]["params"]} == {
+            "temperature": 0.0, "steps": None, "schedule": "auto", "eps": 1e-3, "alg_temp": None}
     for name in ("one_shot", "oracle"):
         assert [p["name"] for p in by_name[name]["params"]] == ["temperature"]
 
@@ -208,3 +209,19 @@ def test_describe_policies_lists_every_policy_with_params_and_defaults():
 def test_configs_built_in_python_reject_non_finite_values(make):
     config = make()
     error_of(config.validate)
+
+
+def test_every_named_departure_is_a_parameter_and_is_marked_in_the_listing():
+    from dataclasses import fields
+
+    from unmask.decoding.registry import describe_policies, policy_class
+
+    listed = {p["name"]: p for p in describe_policies()}
+    for name, entry in listed.items():
+        cls = policy_class(name)
+        names = {f.name for f in fields(cls.Config)}
+        assert set(cls.departures) <= names, f"{name}: departures {cls.departures} are not all parameters"
+        assert {p["name"] for p in entry["params"] if p["departure"]} == set(cls.departures)
+    # the seed methods' departures are the options their docstrings name
+    assert set(policy_class("r2").departures) == {"ambiguity_radius", "cluster_score"}
+    assert set(policy_class("psd").departures) == {"group_by_rate", "adaptive_depth", "accept_tau"}

@@ -118,7 +118,11 @@ def parse_strategy(spec: str) -> Policy:
 
 
 def describe_policies() -> list[dict[str, Any]]:
-    """Every registered policy with its parameters, defaults and one-line summary."""
+    """Every registered policy with its parameters, defaults and one-line summary.
+
+    A parameter with `departure: true` is an option that departs from the method's paper (off at
+    its default); every other default is the paper's (or its public code's) setting.
+    """
     out = []
     for name in policy_names():
         cls = _POLICIES[name]
@@ -127,7 +131,8 @@ def describe_policies() -> list[dict[str, Any]]:
         for f in fields(cls.Config):
             default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING else None)  # type: ignore[misc]
             typ = types_[f.name]
-            params.append({"name": f.name, "type": getattr(typ, "__name__", str(typ).replace("typing.", "")), "default": default})
+            params.append({"name": f.name, "type": getattr(typ, "__name__", str(typ).replace("typing.", "")), "default": default,
+                           "departure": f.name in cls.departures})
         doc = (cls.__doc__ or "").strip().splitlines()
         out.append({"name": name, "summary": doc[0] if doc else "", "params": params})
     return out

@@ -102,6 +102,9 @@ class Policy:
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[PolicyConfig]] = PolicyConfig
+    # parameters that depart from the method's paper (or its public code where the paper is
+    # silent): options, off at their defaults; every other default is the paper's setting
+    departures: ClassVar[tuple[str, ...]] = ()
     remasking: ClassVar[bool] = False
     whole_generation: ClassVar[bool] = False
 

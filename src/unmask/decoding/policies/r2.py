@@ -101,6 +101,7 @@ class R2(Policy):
 
     name = "r2"
     Config = R2Config
+    departures = ("ambiguity_radius", "cluster_score")
 
     def init_state(self, batch_size, gen_length, device):
         # per position: summed and max confidence of the current streak (the loop's `stable` count
