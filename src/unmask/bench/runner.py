@@ -23,7 +23,7 @@ import torch
 
 from unmask.bench.stats import wilson_interval
 from unmask.decoding import DecodeConfig, generate, parse_strategy
-from unmask.decoding.redundancy import r_total
+from unmask.decoding.redundancy import COUNTS, redundancy_counts
 from unmask.errors import UnmaskError
 
 BACKENDS = ("local", "ray")
@@ -157,12 +157,22 @@ def summarize(name: str, params: dict, records: list[dict]) -> dict[str, Any]:
     }
 
 
-def redundancy(records: list[dict]) -> dict[str, float]:
-    """Average redundancy counts per problem: temporal steps, spatial events and R_total."""
+def redundancy(records: list[dict]) -> dict[str, Any]:
+    """Average redundancy per problem: R_total and its counts, and beside them the policy's own events.
+
+    R_total and its counts (`unmask.decoding.redundancy`) come from each decode's trace, the same
+    measure for every strategy. The policy's own event counters (`policy_events`) are reported
+    beside it and are no part of it. Records written before the trace-based measure (a resumed
+    older run) have no counts: they are left out of the averages, and `n_measured` says how many
+    records the averages cover.
+    """
+    measured = [r["redundancy"] for r in records if isinstance(r.get("redundancy"), dict)]
+    m = max(len(measured), 1)
+    out: dict[str, Any] = {k: sum(c.get(k, 0.0) for c in measured) / m for k in (*COUNTS, "spatial", "r_total")}
+    out["n_measured"] = len(measured)
     n = max(len(records), 1)
     keys = sorted({k for r in records for k in r.get("events", {})})
-    out = {k: sum(r.get("events", {}).get(k, 0.0) for r in records) / n for k in keys}
-    out["r_total"] = r_total(out)
+    out["policy_events"] = {k: sum(r.get("events", {}).get(k, 0.0) for r in records) / n for k in keys}
     return out
 
 
@@ -170,11 +180,13 @@ def decode_chunk(model, task, policy, chunk: list, *, gen_length: int, block_len
     """Decode and score one chunk of problems with one policy: the records `problems.jsonl` holds.
 
     The one place a bench decodes; the local loop calls it in this process, each Ray actor in its own.
+    The trace is recorded for R_total (`redundancy`, computed here from it; the trace itself is not
+    kept); `events` are the policy's own counters, reported beside R_total.
     """
     key = strategy_key(policy.name, policy.params)
     result = generate(
         model, [task.messages(p) for p in chunk], policy,
-        gen_length=gen_length, block_length=block_length, seed=seed, cache=cache,
+        gen_length=gen_length, block_length=block_length, seed=seed, cache=cache, record_trace=True,
     )
     share = result.wall_s / len(chunk)
     policy_share = result.extras.get("policy_s", 0.0) / len(chunk)
@@ -184,6 +196,7 @@ def decode_chunk(model, task, policy, chunk: list, *, gen_length: int, block_len
             "key": key, "problem_id": problem.id, "score": float(task.score(problem, seq.text)), "nfe": seq.nfe,
             "rows": seq.rows, "decided": seq.decided, "useful_tokens": seq.useful_tokens, "latency_s": seq.latency_s,
             "batch_share_s": share, "policy_share_s": policy_share, "text": seq.text, "events": seq.events,
+            "redundancy": redundancy_counts(seq.trace),
         })
     return records
 

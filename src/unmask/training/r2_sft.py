@@ -1,17 +1,38 @@
 """Redundancy-aware SFT (R²-dLLM §5): fine-tune a model towards short decoding trajectories.
 
-1. For each training prompt, decode several candidates: different policies, thresholds and
-   sampling temperatures (`candidates`).
-2. Keep the correct ones; of those keep the one with the lowest R_total (temporal redundant steps
-   plus spatial events, `unmask.decoding.redundancy`); ties go to fewer model calls.
-3. Fine-tune the model on those (prompt, response) pairs with the one SFT trainer
-   (`unmask train sft --init MODEL --data pairs.jsonl`), evaluating on the dev split with the `r2`
-   policy as training goes: loss, R_total, NFE and accuracy are logged, and
-   `training_dynamics.png` plots them (the paper's training-dynamics figure).
+What the paper says: for each training prompt, collect the model's own candidate responses, keep
+those with a correct answer, and of those the one with the lowest redundancy score R_total; then
+fine-tune on the selected (prompt, response) pairs, so the model learns trajectories with fewer
+redundant steps. The paper plots loss, R_total, NFE and accuracy over fine-tuning (its Figure 6).
 
-Choices where the paper is silent: the candidate set (greedy and sampled decodes of the baseline
-and R² policies, so that the selected response is one the model itself produces), ties broken by
-NFE, and a fine-tuning learning rate ten times below the from-scratch one.
+What the reference code does (GATECH-EIC/R2-dLLM, `/work/shared/REFERENCES.md`): self-generated
+responses ranked by a redundancy score, the least redundant correct one kept, and block-32
+masked-diffusion fine-tuning (block 32 is its decode's block length).
+
+What we do:
+1. For each training prompt, decode several candidates: different policies, thresholds and
+   sampling temperatures (`candidates`), with the trace recorded.
+2. Keep the correct ones (the task's own scorer); of those keep the one with the lowest R_total,
+   computed from the decode's trace by `unmask.decoding.redundancy.r_total`, one function for
+   every policy (temporal redundant steps plus spatial events read from the trace, never from a
+   policy's own event counters, which are only reported beside it in the selection statistics);
+   ties go to fewer model calls.
+3. Fine-tune the model on those pairs with the one SFT trainer (`unmask.training.sft.run_sft`),
+   with `masking`:
+   - "block" (default, as the reference): every training row is block-aware
+     (`TrainConfig.block_frac = 1`, the trainer's `--block-masking 1`) with the decode's block
+     length (the model's default, the length the candidates were decoded with): a block index k
+     drawn uniformly, earlier blocks clean, block k masked at ratio p_mask, later blocks masked;
+   - "uniform": LLaDA's SFT objective, every response position masked independently
+     (`block_frac = 0`).
+   Dev accuracy is evaluated with the `r2` policy as training goes: loss, R_total, NFE and
+   accuracy are logged, and `training_dynamics.png` plots them.
+
+Departures and choices where the paper is silent: the candidate set (greedy and sampled decodes of
+the baseline and R² policies, so that the selected response is one the model itself produces);
+R_total's exact formula (the paper does not publish it; ours is in `unmask.decoding.redundancy`);
+ties broken by NFE; a fine-tuning learning rate ten times below the from-scratch one; every row
+block-aware (the reference's block-wise fine-tuning is not mixed with uniform rows).
 """
 
 from __future__ import annotations
@@ -22,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unmask.errors import UnmaskError
+
+MASKINGS = ("block", "uniform")  # R²-SFT's fine-tuning masks: block-aware rows (default) or LLaDA's uniform
 
 DEFAULT_CANDIDATES = (
     "low_confidence",
@@ -51,6 +74,7 @@ class R2SFTConfig:
     eval_every: int = 100
     eval_problems: int = 100
     eval_strategy: str = "r2"
+    masking: str = "block"  # "block": every row block-aware at the decode's block length; "uniform": LLaDA's
     time_budget_s: float | None = None
     progress: bool = True
     extra: dict = field(default_factory=dict)
@@ -60,6 +84,8 @@ class R2SFTConfig:
 
         if self.problems <= 0:
             raise UnmaskError(f"--problems must be a positive integer, got {self.problems}", field="problems")
+        if self.masking not in MASKINGS:
+            raise UnmaskError(f"--masking must be one of {', '.join(MASKINGS)}, got {self.masking!r}", field="masking")
         if not self.candidates:
             raise UnmaskError("--candidate must be given at least once", field="candidates")
         for spec in self.candidates:
@@ -68,14 +94,19 @@ class R2SFTConfig:
 
 
 def select_pairs(model, config: R2SFTConfig, log=print) -> tuple[list[dict], dict]:
-    """Decode every candidate on every training prompt; keep the correct response with the lowest R_total."""
+    """Decode every candidate on every training prompt; keep the correct response with the lowest R_total.
+
+    R_total is computed from each decode's trace (`unmask.decoding.redundancy.r_total`), the same
+    measure for every candidate policy; each policy's own event counters are averaged beside it
+    (`stats["candidates"][spec]["policy_events"]`) and play no part in the choice.
+    """
     from tqdm.auto import tqdm
 
     from unmask.decoding import generate, parse_strategy
     from unmask.decoding.redundancy import r_total
     from unmask.tasks import get_task
 
-    pairs, stats = [], {"prompts": 0, "with_correct": 0, "candidates": {}}
+    pairs, stats = [], {"prompts": 0, "with_correct": 0, "candidates": {}, "r_total_from": "trace"}
     for task_name in config.tasks:
         task = get_task(task_name)
         problems = task.problems("train", limit=config.problems, seed=config.seed)
@@ -84,17 +115,20 @@ def select_pairs(model, config: R2SFTConfig, log=print) -> tuple[list[dict], dic
                    disable=not config.progress, unit="decode")
         for spec in config.candidates:
             policy = parse_strategy(spec)
-            per = stats["candidates"].setdefault(spec, {"correct": 0, "n": 0, "r_total": 0.0, "nfe": 0.0})
+            per = stats["candidates"].setdefault(
+                spec, {"correct": 0, "n": 0, "r_total": 0.0, "nfe": 0.0, "policy_events": {}})
             for start in range(0, len(problems), config.decode_batch_size):
                 chunk = problems[start : start + config.decode_batch_size]
-                result = generate(model, [task.messages(p) for p in chunk], policy, seed=config.seed)
+                result = generate(model, [task.messages(p) for p in chunk], policy, seed=config.seed, record_trace=True)
                 for problem, seq in zip(chunk, result.sequences):
                     score = task.score(problem, seq.text)
-                    redundancy = r_total(seq.events)
+                    redundancy = r_total(seq.trace)
                     per["n"] += 1
                     per["correct"] += score
                     per["r_total"] += redundancy
                     per["nfe"] += seq.nfe
+                    for name, count in (seq.events or {}).items():
+                        per["policy_events"][name] = per["policy_events"].get(name, 0.0) + float(count)
                     if score < 1.0:
                         continue
                     key = (redundancy, seq.nfe)
@@ -109,12 +143,28 @@ def select_pairs(model, config: R2SFTConfig, log=print) -> tuple[list[dict], dic
         pairs.extend(best[p.id] for p in problems if p.id in best)
     for per in stats["candidates"].values():
         n = max(per["n"], 1)
-        per.update(accuracy=per.pop("correct") / n, r_total=per["r_total"] / n, nfe=per["nfe"] / n)
+        per.update(accuracy=per.pop("correct") / n, r_total=per["r_total"] / n, nfe=per["nfe"] / n,
+                   policy_events={k: v / n for k, v in per["policy_events"].items()})
     if pairs:
         stats["selected_r_total"] = sum(p["r_total"] for p in pairs) / len(pairs)
         stats["selected_nfe"] = sum(p["nfe"] for p in pairs) / len(pairs)
         stats["selected_by"] = {s: sum(p["strategy"] == s for p in pairs) for s in config.candidates}
     return pairs, stats
+
+
+def fine_tune_config(config: R2SFTConfig, model, data_file: Path, model_dir: Path):
+    """The SFT trainer's settings for R²-SFT's fine-tuning: the decode's canvas and `config.masking`."""
+    from unmask.training.trainer import TrainConfig
+
+    return TrainConfig(
+        out=str(model_dir), init=config.init, tasks=(), data=str(data_file), eval_tasks=tuple(config.tasks),
+        gen_length=model.defaults.gen_length, block_length=model.defaults.block_length,
+        block_frac=1.0 if config.masking == "block" else 0.0, steps=config.steps,
+        batch_size=config.batch_size, lr=config.lr, min_lr=config.lr / 10, warmup_steps=config.warmup_steps,
+        eval_every=config.eval_every, eval_problems=config.eval_problems, eval_strategy=config.eval_strategy,
+        save_every=0, time_budget_s=config.time_budget_s, progress=config.progress,
+        resume=(model_dir / "trainer_state.pt").exists(),
+    )
 
 
 def plot_dynamics(log_file: Path, out_png: Path, title: str = "Redundancy-aware SFT") -> Path:
@@ -161,7 +211,6 @@ def run_r2_sft(config: R2SFTConfig) -> dict:
     """Collect, select, fine-tune, plot. Returns the selection statistics and the SFT summary."""
     from unmask.models import load_model
     from unmask.training.sft import run_sft
-    from unmask.training.trainer import TrainConfig
 
     config.validate()
     out = Path(config.out)
@@ -170,22 +219,15 @@ def run_r2_sft(config: R2SFTConfig) -> dict:
     model = load_model(config.init)
     data_file = out / "r2_pairs.jsonl"
     stats_file = out / "r2_selection.json"
-    if data_file.exists() and stats_file.exists():
-        stats = json.loads(stats_file.read_text())  # a rerun reuses the selection (resumable)
-    else:
+    stats = json.loads(stats_file.read_text()) if data_file.exists() and stats_file.exists() else None
+    if stats is None or stats.get("r_total_from") != "trace":  # a rerun reuses a selection made by this rule
         pairs, stats = select_pairs(model, config)
         if not pairs:
             raise UnmaskError("no candidate decode was correct on any training prompt; the model cannot be fine-tuned this way")
         data_file.write_text("".join(json.dumps(p) + "\n" for p in pairs))
         stats_file.write_text(json.dumps(stats, indent=2))
     model_dir = out / "model"
-    train = TrainConfig(
-        out=str(model_dir), init=config.init, tasks=(), data=str(data_file), eval_tasks=tuple(config.tasks),
-        gen_length=model.defaults.gen_length, block_length=model.defaults.block_length, steps=config.steps,
-        batch_size=config.batch_size, lr=config.lr, min_lr=config.lr / 10, warmup_steps=config.warmup_steps,
-        eval_every=config.eval_every, eval_problems=config.eval_problems, eval_strategy=config.eval_strategy,
-        save_every=0, time_budget_s=config.time_budget_s, progress=config.progress, resume=(model_dir / "trainer_state.pt").exists(),
-    )
+    train = fine_tune_config(config, model, data_file, model_dir)
     summary = run_sft(train)
     plot_dynamics(model_dir / "train_log.jsonl", out / "training_dynamics.png")
     return {"selection": stats, "sft": {k: v for k, v in summary.items() if k in ("step", "loss", "eval", "out")}}

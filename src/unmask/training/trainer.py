@@ -312,7 +312,9 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Dev accuracy per task, decoding with `eval_strategy` (default: one token per step).
 
-        The mean NFE and R_total per problem of that decode are kept in `self.last_eval_costs`.
+        The mean NFE and R_total per problem of that decode are kept in `self.last_eval_costs`
+        (R_total from each decode's trace, `unmask.decoding.redundancy.r_total`: the same measure
+        whatever the eval strategy).
         """
         from unmask.decoding import generate
         from unmask.decoding.redundancy import r_total
@@ -331,10 +333,11 @@ class Trainer:
                     gen_length=self.config.gen_length,
                     block_length=self.config.block_length,
                     seed=0,
+                    record_trace=True,
                 )
                 correct += sum(task.score(p, s.text) for p, s in zip(chunk, out.sequences))
                 nfe += sum(s.nfe for s in out.sequences)
-                redundancy += sum(r_total(s.events) for s in out.sequences)
+                redundancy += sum(r_total(s.trace) for s in out.sequences)
             n = max(1, len(problems))
             results[name] = correct / n
             costs[name] = {"nfe": round(nfe / n, 3), "r_total": round(redundancy / n, 3)}
