@@ -1,4 +1,5 @@
-"""TSPD controller: labels from traces, trace files, training, save/load, and the commands end to end."""
+"""TSPD controller: EGP and low-confidence labels from traces, trace files, training (MLP and LSTM),
+save/load, and the commands end to end."""
 
 from __future__ import annotations
 
@@ -12,22 +13,33 @@ import torch
 from unmask.decoding import generate
 from unmask.decoding.features import FEATURE_NAMES
 from unmask.errors import UnmaskError
-from unmask.testing import peaked, scripted_model
+from unmask.testing import peaked, scripted_model, tiny_llada
 from unmask.training.controller import (
     CONFIG_FILE,
     PLOT_FILE,
     WEIGHTS_FILE,
+    Chains,
+    Controller,
     ControllerTrainConfig,
+    RecurrentController,
     build_windows,
     class_weights,
     default_controller_dir,
     fit_controller,
     load_controller,
     plot_losses,
+    roc_auc,
     split_by_sequence,
 )
 from unmask.training.controller_cli import add_controller_commands, run_controller_command
-from unmask.training.traces import TraceData, collect, load_traces, save_traces
+from unmask.training.traces import (
+    TraceData,
+    collect,
+    decode_with_traces,
+    load_traces,
+    samples_from_results,
+    save_traces,
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,17 +65,120 @@ def _scripted():
     return holder["model"]
 
 
-def test_labels_say_whether_the_top1_already_equals_the_final_token():
+def _labels(data) -> dict:
+    return {(int(s), int(p)): int(y) for s, p, y in zip(data.step, data.position, data.labels)}
+
+
+def test_low_confidence_labels_say_whether_the_top1_already_equals_the_final_token():
     model = _scripted()
-    data, settings = collect(model, ["hello"], gen_length=4, block_length=4, early_stop=False)
+    data, settings = collect(model, ["hello"], trajectory="low_confidence", gen_length=4, block_length=4, early_stop=False)
     assert settings["block_length"] == 4 and "low_confidence" in settings["strategy"]
-    got = {(int(s), int(p)): int(y) for s, p, y in zip(data.step, data.position, data.labels)}
+    assert settings["trajectory"] == "low_confidence"
+    # one token per call, in order 0, 1, 2, 3: position g is still masked at calls 0..g
     expected = {(t, g): int(t >= SWITCH[g]) for t in range(4) for g in range(t, 4)}
-    assert got == expected
+    assert _labels(data) == expected
     # prev links each row to the same position one call earlier
     for i in np.flatnonzero(data.prev >= 0):
         j = data.prev[i]
         assert data.position[j] == data.position[i] and data.step[j] == data.step[i] - 1
+
+
+def test_egp_is_the_default_and_commits_every_position_that_already_agrees():
+    # y* (the low-confidence reference) is TARGET. EGP call 0: nothing committed, so positions 0 and 1
+    # (SWITCH 0) predict TARGET and are committed; 2 and 3 predict WRONG. Call 1: two committed, so 2
+    # and 3 predict TARGET and are committed. Two calls; each row labelled by top-1 == TARGET.
+    model = _scripted()
+    sequences, settings = decode_with_traces(model, ["hello"], gen_length=4, block_length=4, early_stop=False)
+    assert settings["trajectory"] == "egp" and settings["strategy"].startswith("oracle")
+    assert sequences[0].tokens == TARGET and sequences[0].nfe == 2
+    data, _ = collect(model, ["hello"], gen_length=4, block_length=4, early_stop=False)
+    assert _labels(data) == {(0, 0): 1, (0, 1): 1, (0, 2): 0, (0, 3): 0, (1, 2): 1, (1, 3): 1}
+    assert data.prev.tolist() == [-1, -1, -1, -1, 2, 3]
+
+
+A, B, B0, B2, C = 20, 21, 31, 32, 22
+
+
+def _forcing():
+    """Three positions. 0 always predicts A (0.9) and 2 always C (0.5); 1 (0.8) predicts B once 0 is
+    decided while 2 is masked, B0 while 0 is masked and B2 once 2 is decided.
+
+    Reference (one per call, most confident first): 0 = A, then 1 sees 0 decided and 2 masked: B,
+    then 2 = C; y* = A B C. EGP: call 0 commits 0 and 2 (their top-1 already equal y*), 1 says B0;
+    call 1: 1 says B2 != B, nothing agrees, so 1 is forced to y* = B (label 0).
+    """
+    holder = {}
+
+    def rule(row, gen_start):
+        mask_id = holder["model"].mask_id
+        decided = [int(t) != mask_id for t in row[gen_start:]]
+        one = B if decided[0] and not decided[2] else (B0 if not decided[0] else B2)
+        return peaked([0] * gen_start + [A, one, C], [0.5] * gen_start + [0.9, 0.8, 0.5],
+                      holder["model"].network.vocab_size)
+
+    holder["model"] = scripted_model(rule, gen_length=3, block_length=3)
+    return holder["model"]
+
+
+def test_egp_forces_the_final_token_when_no_position_agrees_and_labels_it_0():
+    model = _forcing()
+    reference = generate(model, ["hello"], "low_confidence", early_stop=False).sequences[0]
+    assert reference.tokens == [A, B, C]
+    sequences, _ = decode_with_traces(model, ["hello"], early_stop=False)
+    seq = sequences[0]
+    assert seq.tokens == [A, B, C] and seq.nfe == 2
+    assert seq.trace.top1[1, 1] == B2 and seq.trace.commit_step.tolist() == [0, 1, 0]
+    data = samples_from_results(sequences, block_length=3)
+    assert _labels(data) == {(0, 0): 1, (0, 1): 0, (0, 2): 1, (1, 1): 0}
+    # the low-confidence trajectory of the same model: three calls, labels by the same definition
+    low, _ = collect(model, ["hello"], trajectory="low_confidence", early_stop=False)
+    assert _labels(low) == {(0, 0): 1, (0, 1): 0, (0, 2): 1, (1, 1): 1, (1, 2): 1, (2, 2): 1}
+
+
+EGP_PROMPTS = ["what is 2 plus 3 ?", "hello", "tom has 5 apples and ann has 7 pens . how many apples ?", "print x"]
+
+
+@pytest.mark.parametrize("early_stop", [False, True])
+def test_egp_traces_on_a_tiny_model_are_the_oracle_decode_and_every_label_is_top1_equals_final(early_stop):
+    model = tiny_llada(gen_length=16, block_length=8, seed=3)
+    kwargs = dict(gen_length=16, block_length=8, early_stop=early_stop)
+    reference = generate(model, EGP_PROMPTS, "low_confidence", **kwargs)
+    sequences, settings = decode_with_traces(model, EGP_PROMPTS, batch_size=3, **kwargs)
+    assert settings["trajectory"] == "egp" and settings["block_length"] == 8
+    data = samples_from_results(sequences, block_length=8)
+    expected = {}
+    several = forced = 0
+    for index, (seq, ref) in enumerate(zip(sequences, reference.sequences)):
+        y = np.asarray(ref.tokens)
+        assert seq.tokens == ref.tokens  # EGP reproduces the reference's output y*
+        tr = seq.trace
+        assert tr.steps == seq.nfe
+        for s in range(tr.steps):
+            lo = int(tr.block[s]) * 8
+            masked = tr.masked_before[s, lo : lo + 8]
+            committed = masked & (tr.tokens_after[s, lo : lo + 8] != model.mask_id)
+            agree = masked & (tr.top1[s, lo : lo + 8] == y[lo : lo + 8])
+            # the oracle's rule: every agreeing masked position and nothing else, or one forced to y*
+            if agree.any():
+                assert np.array_equal(committed, agree), (index, s)
+                several += int(committed.sum()) > 1
+            else:
+                assert int(committed.sum()) == 1, (index, s)
+                forced += 1
+            assert (tr.tokens_after[s, lo : lo + 8][committed] == y[lo : lo + 8][committed]).all()
+            # one row per masked position of the current block, labelled top-1 == final token
+            for i in np.flatnonzero(masked):
+                expected[(index, s, lo + int(i))] = int(tr.top1[s, lo + i] == y[lo + i])
+    got = {(int(q), int(s), int(p)): int(v) for q, s, p, v in zip(data.sequence, data.step, data.position, data.labels)}
+    assert got == expected
+    assert several > 0 and 0 < sum(expected.values()) < len(expected)  # not a vacuous check
+    # under EGP a position's labels in its block are 0s ending in at most one 1, the call it is committed
+    for i in np.flatnonzero(data.labels == 1):
+        assert not (data.prev == i).any()
+    # collect() gives the same rows
+    again, _ = collect(model, EGP_PROMPTS, batch_size=3, **kwargs)
+    np.testing.assert_array_equal(again.labels, data.labels)
+    np.testing.assert_array_equal(again.features, data.features)
 
 
 def test_trace_files_round_trip_and_concatenate(tmp_path):
@@ -123,6 +238,74 @@ def test_a_controller_without_the_confidence_group_cannot_see_the_rule():
     assert record["val_metrics"]["accuracy"] < 0.75
 
 
+def test_the_lstm_learns_the_same_rule_with_about_2k_parameters():
+    data = _synthetic()
+    rows = np.arange(len(data))
+    data.prev = np.where(rows % 8 == 0, -1, rows - 1)  # sequences of 8 calls
+    controller, record = fit_controller(data, ControllerTrainConfig(**{**FAST, "hidden": None}, arch="lstm"))
+    assert isinstance(controller, RecurrentController) and controller.hidden == 16
+    assert 1500 < sum(p.numel() for p in controller.parameters()) < 2500
+    assert record["val_loss"] < 0.6 * record["history"]["val_loss"][0]
+    assert record["val_metrics"]["accuracy"] > 0.9 and record["val_metrics"]["auc"] > 0.95
+
+
+def _remembered(n_seq=240, length=6, seed=1) -> TraceData:
+    """Sequences whose label, at every call, is the sign of feature 0 at the sequence's first call."""
+    rng = np.random.default_rng(seed)
+    n = n_seq * length
+    features = rng.normal(size=(n, len(FEATURE_NAMES))).astype(np.float32)
+    first = np.repeat(np.arange(0, n, length), length)
+    labels = (features[first, 0] > 0).astype(np.uint8)
+    prev = np.arange(n) - 1
+    prev[np.arange(0, n, length)] = -1
+    sequence = np.repeat(np.arange(n_seq // 4), 4 * length).astype(np.int32)
+    zeros = np.zeros(n, np.int32)
+    return TraceData(features, labels, prev.astype(np.int64), sequence, zeros, zeros)
+
+
+def test_only_the_lstm_remembers_calls_older_than_the_window():
+    data = _remembered()
+    config = dict(epochs=25, patience=25, batch_size=96, progress=False, val_fraction=0.25, lr=1e-2)
+    _, lstm = fit_controller(data, ControllerTrainConfig(arch="lstm", **config))
+    _, mlp = fit_controller(data, ControllerTrainConfig(arch="mlp", window=2, hidden=16, **config))
+    # the MLP sees the first call only at the first two calls of each sequence of 6 (0.93 and 0.61 when written)
+    assert lstm["val_metrics"]["accuracy"] > 0.85
+    assert mlp["val_metrics"]["accuracy"] < 0.75
+
+
+def test_chains_follow_prev_links_and_the_lstm_row_logits_step_through_them():
+    prev = np.array([-1, -1, 0, 1, 2, -1, 5])
+    features = torch.randn(7, len(FEATURE_NAMES))
+    chains = Chains(features, prev)
+    assert chains.chain.tolist() == [0, 1, 0, 1, 0, 2, 2] and chains.depth.tolist() == [0, 0, 1, 1, 2, 0, 1]
+    assert chains.length.tolist() == [3, 2, 2]
+    padded = chains.padded()
+    assert torch.equal(padded[0], features[[0, 2, 4]]) and torch.equal(padded[1, :2], features[[1, 3]])
+    assert not padded[1, 2].any()
+    torch.manual_seed(0)
+    controller = RecurrentController(hidden=4)
+    controller.set_normalisation(torch.randn(32, len(FEATURE_NAMES)))
+    with torch.no_grad():
+        rows = controller.row_logits(features, prev)
+        state = controller.initial_state((1,))
+        by_hand = []
+        for i in (0, 2, 4):  # chain 0, one call at a time
+            logit, state = controller.step(features[i : i + 1], state)
+            by_hand.append(float(logit))
+    assert rows[[0, 2, 4]].tolist() == pytest.approx(by_hand, abs=1e-6)
+    with pytest.raises(UnmaskError, match="malformed"):
+        Chains(features[:3], np.array([-1, 0, 0]))
+
+
+def test_roc_auc_against_pair_counting():
+    rng = np.random.default_rng(0)
+    prob = torch.from_numpy(rng.integers(0, 5, 60) / 4.0)  # many ties
+    labels = torch.from_numpy(rng.integers(0, 2, 60)).float()
+    pos, neg = prob[labels > 0.5], prob[labels < 0.5]
+    pairs = ((pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()).mean()
+    assert roc_auc(prob, labels) == pytest.approx(float(pairs))
+
+
 def test_class_weights_and_the_split_keep_whole_decodes_apart():
     w0, w1 = class_weights(np.array([1, 0, 0, 0]))
     assert (w0, w1) == pytest.approx((4 / 6, 2.0))
@@ -154,6 +337,28 @@ def test_save_and_load_round_trip(tmp_path):
         load_controller(tmp_path / "nowhere")
 
 
+def test_lstm_save_and_load_round_trip_and_old_mlp_folders_still_load(tmp_path):
+    data = _synthetic(n_seq=6)
+    controller, record = fit_controller(data, ControllerTrainConfig(**{**FAST, "epochs": 2, "hidden": None}, arch="lstm"))
+    controller.save(tmp_path / "lstm", extra={"val_loss": record["val_loss"]})
+    loaded, config = load_controller(tmp_path / "lstm")
+    assert isinstance(loaded, RecurrentController) and config["arch"] == "lstm" and config["hidden"] == 16
+    with torch.no_grad():
+        assert torch.equal(loaded.row_logits(data.features, data.prev), controller.row_logits(data.features, data.prev))
+    # a folder written before `arch` existed is an MLP
+    mlp, _ = fit_controller(data, ControllerTrainConfig(**{**FAST, "epochs": 1}))
+    mlp.save(tmp_path / "old")
+    old = json.loads((tmp_path / "old" / CONFIG_FILE).read_text())
+    del old["arch"]
+    (tmp_path / "old" / CONFIG_FILE).write_text(json.dumps(old))
+    loaded, _ = load_controller(tmp_path / "old")
+    assert isinstance(loaded, Controller) and loaded.arch == "mlp"
+    old["arch"] = "transformer"
+    (tmp_path / "old" / CONFIG_FILE).write_text(json.dumps(old))
+    with pytest.raises(UnmaskError, match="unusable"):
+        load_controller(tmp_path / "old")
+
+
 # ---------------------------------------------------------------------------------------------
 # the commands on a tiny checkpoint, then decoding with what they wrote
 
@@ -182,6 +387,7 @@ def test_collect_train_and_decode_end_to_end(tmp_path, capsys):
     meta = load_traces(traces).meta[0]
     assert meta["task"] == "arith:train_size=40,trace:train_size=40" and meta["n"] == 4
     assert meta["model_path"] == str(model_dir) and meta["gen_length"] == 16 and meta["block_length"] == 8
+    assert meta["trajectory"] == "egp" and meta["strategy"].startswith("oracle")
 
     code = run_controller_command(_parse(["controller", "--traces", str(traces), "--epochs", "3", "--no-progress"]))
     assert code == 0
@@ -204,6 +410,24 @@ def test_collect_train_and_decode_end_to_end(tmp_path, capsys):
     result = generate(model, ["print x"], "tspd:drop=momentum")
     assert model.mask_id not in result.sequences[0].tokens
 
+    # the LSTM controller, trained on low_confidence trajectories for a change, into a folder of its own
+    low = tmp_path / "low.npz"
+    run_controller_command(_parse([
+        "collect-traces", "--model", str(model_dir), "--task", "arith:train_size=40", "--n", "4",
+        "--trajectory", "low_confidence", "--out", str(low), "--device", "cpu", "--no-progress",
+    ]))
+    capsys.readouterr()
+    assert load_traces(low).meta[0]["trajectory"] == "low_confidence"
+    run_controller_command(_parse(["controller", "--traces", str(low), "--traces", str(traces), "--arch", "lstm",
+                                   "--epochs", "2", "--out", str(tmp_path / "lstm"), "--no-progress", "--no-plot"]))
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["arch"] == "lstm" and 1500 < summary["parameters"] < 2500
+    config = json.loads((tmp_path / "lstm" / CONFIG_FILE).read_text())
+    assert config["arch"] == "lstm" and config["training"]["hidden"] == 16
+    assert [t["trajectory"] for t in config["trained_on"]] == ["low_confidence", "egp"]
+    result = generate(model, ["tom has 3 apples", "print x"], f"tspd:controller={tmp_path / 'lstm'},ce=true")
+    assert all(model.mask_id not in seq.tokens for seq in result.sequences)
+
 
 def test_controller_needs_out_when_the_traces_name_no_model_folder(tmp_path):
     model = _scripted()
@@ -220,3 +444,9 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         run_controller_command(_parse(["collect-traces", "--task", "nope", "--out", str(tmp_path / "x.npz")]))
     with pytest.raises(SystemExit):
         _parse(["controller", "--traces", "x.npz", "--drop", "nonsense"])
+    with pytest.raises(SystemExit):
+        _parse(["controller", "--traces", "x.npz", "--arch", "transformer"])
+    with pytest.raises(SystemExit):
+        _parse(["collect-traces", "--out", "x.npz", "--trajectory", "random"])
+    with pytest.raises(UnmaskError, match="trajectory"):
+        collect(_scripted(), ["hello"], trajectory="random")

@@ -1,15 +1,20 @@
 """Argparse plumbing for `unmask train collect-traces` and `unmask train controller` (TSPD).
 
     unmask train collect-traces --out traces.npz [--model M] [--task arith,trace] [--split train]
-                                [--n 256] [--gen-length L] [--block-length B] [--batch-size 16]
-                                [--seed 0] [--no-early-stop] [--device D] [--threads N]
+                                [--n 256] [--trajectory egp|low_confidence] [--gen-length L]
+                                [--block-length B] [--batch-size 16] [--seed 0] [--no-early-stop]
+                                [--device D] [--threads N]
     unmask train controller --traces traces.npz [--traces more.npz] [--out DIR] [--drop GROUP]
-                            [--window 3] [--hidden 32] [--epochs 200] [--patience 10]
+                            [--arch mlp|lstm] [--window 3] [--hidden H] [--epochs 200] [--patience 10]
                             [--batch-size 512] [--lr 1e-3] [--weight-decay 1e-2]
                             [--val-fraction 0.1] [--seed 0] [--device cpu] [--threads N]
 
+`collect-traces` records Extremely Greedy Parallel trajectories by default (`--trajectory egp`:
+the `oracle` decode towards the one-token-per-call low-confidence output); `--trajectory
+low_confidence` records that one-token-per-call reference decode instead.
 `controller` saves beside the model the traces were collected from (`<model_dir>/controller/`,
-`controller-drop-GROUP/` with --drop) unless --out is given; `tspd` finds it there.
+`controller-drop-GROUP/` with --drop) unless --out is given; `tspd` finds it there. `--arch mlp`
+(default) is the window MLP, `--arch lstm` the recurrent controller (an LSTM cell, hidden 16).
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ import json
 from unmask.decoding.features import FEATURE_GROUPS
 from unmask.errors import UnmaskError
 from unmask.tasks.registry import parse_task_list
-from unmask.training.controller import ControllerTrainConfig
-from unmask.training.traces import CollectConfig
+from unmask.training.controller import ARCHITECTURES, ControllerTrainConfig
+from unmask.training.traces import TRAJECTORIES, CollectConfig
 
 COMMANDS = ("collect-traces", "controller")
 _COLLECT = CollectConfig(out="")
@@ -34,8 +39,10 @@ def add_controller_commands(train_subparsers) -> None:
     collect = train_subparsers.add_parser(
         "collect-traces",
         help="decode training prompts with traces and label each (call, position) for the TSPD controller",
-        description="Decode training problems with the reference policy (one token per call), recording "
-        "every position at every call, and write labelled trajectory features to an npz.",
+        description="Decode training problems along Extremely Greedy Parallel trajectories (default: the "
+        "oracle decode, which commits every masked position whose top-1 already equals the one-token-per-call "
+        "low-confidence output) or the low-confidence reference itself, recording every masked position of the "
+        "current block at every call, and write labelled trajectory features to an npz.",
     )
     collect.add_argument("--out", required=True, help="npz file to write")
     collect.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the built-in model)")
@@ -46,7 +53,9 @@ def add_controller_commands(train_subparsers) -> None:
     collect.add_argument("--block-length", type=int, default=None, help="default: the model's")
     collect.add_argument("--batch-size", type=int, default=c.batch_size)
     collect.add_argument("--seed", type=int, default=c.seed)
-    collect.add_argument("--strategy", default=c.strategy, help="reference decode (non-remasking; default low_confidence)")
+    collect.add_argument("--trajectory", default=c.trajectory, choices=list(TRAJECTORIES),
+                         help="decode recorded: egp (default; Extremely Greedy Parallel, the oracle decode towards the "
+                              "low-confidence output) or low_confidence (that reference, one token per call)")
     collect.add_argument("--no-early-stop", dest="early_stop", action="store_false", help="decode every block, even after an EOS")
     collect.add_argument("--device", default=None)
     collect.add_argument("--dtype", default=None)
@@ -63,8 +72,11 @@ def add_controller_commands(train_subparsers) -> None:
     train.add_argument("--traces", action="append", required=True, help="npz from collect-traces (repeat for several)")
     train.add_argument("--out", default=None, help="folder to write (default: <model_dir>/controller beside the traced model)")
     train.add_argument("--drop", default=None, choices=list(FEATURE_GROUPS), help="feature group to leave out (ablation)")
-    train.add_argument("--window", type=int, default=t.window, help="calls the controller sees (this one and the ones before)")
-    train.add_argument("--hidden", type=int, default=t.hidden)
+    train.add_argument("--arch", default=t.arch, choices=list(ARCHITECTURES),
+                       help="mlp: window MLP (default); lstm: an LSTM cell over the position's calls in its block")
+    train.add_argument("--window", type=int, default=t.window,
+                       help="calls the mlp sees (this one and the ones before); the lstm sees them all")
+    train.add_argument("--hidden", type=int, default=None, help="hidden width (default 32 for mlp, 16 for lstm)")
     train.add_argument("--epochs", type=int, default=t.epochs)
     train.add_argument("--patience", type=int, default=t.patience, help="epochs without validation improvement before stopping")
     train.add_argument("--batch-size", type=int, default=t.batch_size)
@@ -82,14 +94,14 @@ def collect_config_from_args(args: argparse.Namespace) -> CollectConfig:
     return CollectConfig(
         out=args.out, model=args.model, tasks=parse_task_list(args.task), split=args.split, n=args.n,
         gen_length=args.gen_length, block_length=args.block_length, batch_size=args.batch_size, seed=args.seed,
-        early_stop=args.early_stop, strategy=args.strategy, device=args.device, dtype=args.dtype,
+        early_stop=args.early_stop, trajectory=args.trajectory, device=args.device, dtype=args.dtype,
         threads=args.threads, progress=args.progress,
     )
 
 
 def train_config_from_args(args: argparse.Namespace) -> ControllerTrainConfig:
     return ControllerTrainConfig(
-        traces=tuple(args.traces), out=args.out, drop=args.drop, window=args.window, hidden=args.hidden,
+        traces=tuple(args.traces), out=args.out, drop=args.drop, arch=args.arch, window=args.window, hidden=args.hidden,
         epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, val_fraction=args.val_fraction, seed=args.seed, device=args.device,
         threads=args.threads, plot=args.plot, progress=args.progress,

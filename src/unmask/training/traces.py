@@ -1,15 +1,29 @@
 """Trace collection for the TSPD controller (`unmask train collect-traces`).
 
-Supervision as in TSPD (arXiv 2605.30753, appendix), after Learn2PD's extremely greedy parallel
-setting: decode each training prompt to completion with the reference policy (LLaDA's
-low-confidence order, one token per call), record the trace, and label every (call, masked
-position of the current block) with whether the top-1 at that call already equals the token the
-position finally holds. A position labelled 1 could have been committed at that call without
-changing the result; the controller learns to recognise such positions from their trajectory.
+Supervision as in TSPD (arXiv 2605.30753, appendix), which collects its traces with Learn2PD's
+Extremely Greedy Parallel (EGP) policy. By default (`--trajectory egp`) every training prompt is
+decoded twice, both times greedy and never remasking:
 
-Departure: the reference decode keeps the loop's early stop (default on, `--no-early-stop` to
-decode every block): blocks after a stop are never decoded by any policy, so their positions are
-no examples of what a policy sees.
+1. the reference: LLaDA's low-confidence order, one token per call, to completion; its output is y*;
+2. EGP, which is this project's `oracle` policy: at every call it commits every masked position of
+   the current block whose top-1 already equals y*_i (if none does, the one giving y*_i the highest
+   probability, forced to y*_i). It reproduces y* exactly in fewer calls.
+
+What is recorded is the trace of the EGP decode (2), not the reference's: every (call, masked
+position of the current block) of it is one row, with the features the position has at that call
+and the label 1 iff its top-1 at that call equals the token it finally holds (y*_i). Under EGP a
+position is committed at the first call its label is 1 (a forced commit has label 0), so its rows
+are a run of 0s ending in at most one 1. A position labelled 1 could have been committed at that
+call without changing the result; the controller learns to recognise such positions from their
+trajectory.
+
+`--trajectory low_confidence` records the reference decode (1) itself instead, labelled the same
+way (top-1 at the call == final token): one token per call, so a position stays masked, and keeps
+its rows, long after its top-1 has settled (the trajectories this command recorded before EGP).
+
+Departure: both decodes keep the loop's early stop (default on, `--no-early-stop` to decode every
+block): blocks after a stop are never decoded by any policy, so their positions are no examples of
+what a policy sees.
 
 The file is one compressed npz:
 - `features` (n, F) float32: the features of `unmask.decoding.features` (all groups, FEATURE_NAMES order)
@@ -17,7 +31,8 @@ The file is one compressed npz:
 - `prev` (n,) int64: row of the same position at the previous call of its block (-1 at the block's first)
 - `sequence`, `step`, `position` (n,) int32: which decode, call and generation index a row is from
 - `feature_names` (F,) str, `group_index` (F,) int8 into `group_names` (G,) str
-- `meta`: a JSON string (model name and path, task, split, n, decode settings, counts)
+- `meta`: a JSON string (model name and path, task, split, n, `trajectory` (egp or low_confidence),
+  the recorded decode's `strategy`, decode settings, counts)
 """
 
 from __future__ import annotations
@@ -73,24 +88,37 @@ def samples_from_results(sequences, block_length: int) -> TraceData:
     return TraceData(*(np.concatenate(column) for column in zip(*parts)))
 
 
-def collect(
+# trajectory -> the strategy whose decode is recorded (both greedy, never remasking)
+TRAJECTORIES: dict[str, str] = {
+    "egp": "oracle",  # Learn2PD's extremely greedy parallel decode towards the reference's y* (the default)
+    "low_confidence": "low_confidence",  # the reference itself: low-confidence order, one token per call
+}
+
+
+def trajectory_policy(trajectory: str):
+    """The policy whose decode `trajectory` records (see TRAJECTORIES)."""
+    from unmask.decoding import parse_strategy
+
+    if trajectory not in TRAJECTORIES:
+        raise UnmaskError(f"trajectory must be one of {', '.join(TRAJECTORIES)}, got {trajectory!r}", field="trajectory")
+    return parse_strategy(TRAJECTORIES[trajectory])
+
+
+def decode_with_traces(
     model,
     prompts: list,
-    strategy: str = "low_confidence",
+    trajectory: str = "egp",
     gen_length: int | None = None,
     block_length: int | None = None,
     batch_size: int = 16,
     seed: int = 0,
     early_stop: bool = True,
     progress: bool = False,
-) -> tuple[TraceData, dict]:
-    """Decode `prompts` with `strategy`, recording traces; return the labelled rows and the settings used."""
-    from unmask.decoding import generate, parse_strategy
+) -> tuple[list, dict]:
+    """Decode `prompts` along `trajectory`, recording traces; return the sequences and the settings used."""
+    from unmask.decoding import generate
 
-    policy = parse_strategy(strategy)
-    if policy.remasking:
-        raise UnmaskError(f"strategy {policy.name} remasks committed tokens; collect traces with a non-remasking one",
-                          field="strategy")
+    policy = trajectory_policy(trajectory)
     if batch_size < 1:
         raise UnmaskError(f"batch size must be >= 1, got {batch_size}", field="batch_size")
     sequences = []
@@ -103,12 +131,32 @@ def collect(
         )
         cfg = result.config
         decode_block = cfg.gen_length if policy.whole_generation else cfg.block_length
-        settings = {"strategy": policy.describe(), "gen_length": cfg.gen_length, "block_length": decode_block,
-                    "seed": seed, "early_stop": early_stop}
+        settings = {"trajectory": trajectory, "strategy": policy.describe(), "gen_length": cfg.gen_length,
+                    "block_length": decode_block, "seed": seed, "early_stop": early_stop}
         sequences.extend(result.sequences)
         if progress:
             done = min(first + batch_size, len(prompts))
             print(f"collect-traces: {done}/{len(prompts)} prompts, {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return sequences, settings
+
+
+def collect(
+    model,
+    prompts: list,
+    trajectory: str = "egp",
+    gen_length: int | None = None,
+    block_length: int | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    early_stop: bool = True,
+    progress: bool = False,
+) -> tuple[TraceData, dict]:
+    """Decode `prompts` along `trajectory` (egp or low_confidence), recording traces; return the labelled
+    rows and the settings used."""
+    sequences, settings = decode_with_traces(
+        model, prompts, trajectory=trajectory, gen_length=gen_length, block_length=block_length,
+        batch_size=batch_size, seed=seed, early_stop=early_stop, progress=progress,
+    )
     return samples_from_results(sequences, settings.get("block_length", 1)), settings
 
 
@@ -186,7 +234,7 @@ class CollectConfig:
     batch_size: int = 16
     seed: int = 0  # chooses the problems and seeds the decode
     early_stop: bool = True
-    strategy: str = "low_confidence"  # the reference decode (one token per call)
+    trajectory: str = "egp"  # decode recorded: egp (the oracle's, towards the reference's y*) or low_confidence
     device: str | None = None
     dtype: str | None = None
     threads: int | None = None
@@ -199,6 +247,9 @@ class CollectConfig:
             raise UnmaskError("no task given; pass --task arith,trace", field="task")
         if self.threads is not None and self.threads < 1:
             raise UnmaskError(f"threads must be >= 1, got {self.threads}", field="threads")
+        if self.trajectory not in TRAJECTORIES:
+            raise UnmaskError(f"trajectory must be one of {', '.join(TRAJECTORIES)}, got {self.trajectory!r}",
+                              field="trajectory")
 
 
 def collect_traces(config: CollectConfig) -> dict:
@@ -217,7 +268,7 @@ def collect_traces(config: CollectConfig) -> dict:
     for task in tasks:
         prompts.extend(task.messages(p) for p in task.problems(config.split, limit=config.n, seed=config.seed))
     data, settings = collect(
-        model, prompts, strategy=config.strategy, gen_length=config.gen_length, block_length=config.block_length,
+        model, prompts, trajectory=config.trajectory, gen_length=config.gen_length, block_length=config.block_length,
         batch_size=config.batch_size, seed=config.seed, early_stop=config.early_stop, progress=config.progress,
     )
     meta = {

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from unmask.decoding.features import FEATURE_GROUPS, FeatureTracker, groups_without
 from unmask.decoding.policies.base import Decision, Policy, PolicyConfig
 from unmask.decoding.policies.ce import CEConfig, ConfidenceExtrapolation, with_progress
@@ -33,19 +35,33 @@ class TSPD(Policy):
     """Temporal-Spatial Parallel Decoding (arXiv 2605.30753): a tiny learned controller decides convergence.
 
     Each call, every position of the block gets its trajectory features (confidence, margin,
-    entropy, momentum, stability, position; `unmask.decoding.features`) and those of its last few
-    calls; the controller (`unmask train controller`, about 2K parameters) maps them to the
-    probability that the position's top-1 is already final. Masked positions with probability
-    above `tau` are committed; if none is, the most probable one. With `ce=true`, Confidence
-    Extrapolation adds its safe look-ahead commits and holds back oscillating or under-confident
-    positions (see `ce`).
+    entropy, momentum, stability, position; `unmask.decoding.features`); the controller
+    (`unmask train controller`, about 2K parameters) maps them, with the position's earlier calls
+    in the block, to the probability that its top-1 is already final. Masked positions with
+    probability above `tau` are committed; if none is, the most probable one. With `ce=true`,
+    Confidence Extrapolation adds its safe look-ahead commits and holds back oscillating or
+    under-confident positions (see `ce`).
+
+    Architecture: the one the controller folder records (`arch` in controller.json; see
+    `unmask.training.controller`). `mlp` (`unmask train controller`'s default, and every folder
+    written before `arch` existed) is an MLP over the features of this call and the `window - 1`
+    before it (a departure: the paper's controller is LSTM-like). `lstm` is an LSTM cell (hidden 16 by default) run one
+    step per call: its hidden state is kept in the policy state per (sequence row, generation
+    position), is zero at the position's first call of its block, and advances at each call while
+    the position's block is the current one.
+
+    Supervision: `unmask train collect-traces` records, by default, Extremely Greedy Parallel
+    trajectories as the paper does (the `oracle` decode: each call commits every masked position
+    whose top-1 already equals the one-token-per-call low-confidence output), labelling each
+    (call, masked position of the block) 1 iff its top-1 at that call equals its final token;
+    `--trajectory low_confidence` records that one-token-per-call reference decode instead. The
+    controllers shipped with the built-in model are window MLPs trained on low_confidence
+    trajectories (their controller.json, `trained_on`, says so) until retrained on EGP traces.
 
     The controller is read from `controller=PATH`, else from the model's folder
     (`<model_dir>/controller/`, `<model_dir>/controller-drop-GROUP/` with `drop`). `drop` removes a
     feature group for the ablation and requires a controller trained without exactly that group.
-    Departures from the paper: the controller is a window MLP rather than LSTM-like (see
-    `unmask.training.controller`); supervision comes from the reference low-confidence decode.
-    Per call the overhead is one feature pass and one small matrix product over the block.
+    Per call the overhead is one feature pass and one small MLP or LSTM-cell step over the block.
     """
 
     name = "tspd"
@@ -115,15 +131,36 @@ class TSPD(Policy):
 
     def init_state(self, batch_size, gen_length, device):
         state = {"features": self.tracker.init_state(batch_size, gen_length, device)}
+        if getattr(self.controller, "recurrent", False):
+            # the recurrent controller's (h, c) per (row, generation position)
+            state["controller"] = self.controller.initial_state((batch_size, gen_length), device)
         if self.extrapolation is not None:
             state["ce"] = self.extrapolation.init_state(batch_size, gen_length, device)
         return state
+
+    @torch.no_grad()
+    def controller_probability(self, view, state, observation) -> torch.Tensor:
+        """P(top-1 is final) of every block position at this call (b, block).
+
+        The MLP reads this call's window. The recurrent controller takes each position's (h, c)
+        from the state (zero at the block's first call), advances it by this call's features and
+        stores it back, so every call of a block advances each of its positions exactly once.
+        """
+        if not getattr(self.controller, "recurrent", False):
+            return self.controller.probability(observation.windows)
+        rows, pos = view.rows[:, None], view.positions
+        first = (view.block_step == 0)[:, None, None]
+        before = {k: buf[rows, pos].masked_fill(first, 0.0) for k, buf in state["controller"].items()}
+        logits, after = self.controller.step(observation.features, before)
+        for k, buf in state["controller"].items():
+            buf[rows, pos] = after[k].to(buf.dtype)
+        return torch.sigmoid(logits)
 
     def decide(self, view, state):
         if self.controller is None:
             raise UnmaskError("tspd has no controller; decode through `generate` so that it is loaded", field="controller")
         observation = self.tracker.update(view, state["features"])
-        prob = self.controller.probability(observation.windows)  # (b, block)
+        prob = self.controller_probability(view, state, observation)  # (b, block)
         base = view.masked & (prob > self.config.tau)
         if self.extrapolation is None:
             return Decision(commit=with_progress(base, prob, view.masked))
