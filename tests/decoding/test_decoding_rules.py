@@ -79,7 +79,8 @@ def top_k_expected(score: np.ndarray, masked: np.ndarray, k: int) -> set[int]:
 @pytest.mark.parametrize("name", SCHEDULED)
 def test_one_token_per_step_when_steps_equal_gen_length(model, name):
     gen = 16
-    for spec in (name, f"{name}:steps={gen}"):
+    # on the Dream model the default schedule is Dream's (test_decoding_dream_schedule.py); LLaDA's is asked for
+    for spec in (f"{name}:schedule=llada", f"{name}:steps={gen},schedule=llada"):
         result = generate(model, PROMPTS, spec, gen_length=gen, block_length=8, early_stop=False, record_trace=True)
         for seq in result.sequences:
             left = (seq.trace.tokens_after == model.mask_id).sum(1)
@@ -91,7 +92,7 @@ def test_one_token_per_step_when_steps_equal_gen_length(model, name):
 @pytest.mark.parametrize("name", SCHEDULED)
 def test_two_tokens_per_step_with_half_the_steps(model, name):
     gen = 16
-    result = generate(model, PROMPTS, f"{name}:steps={gen // 2}", gen_length=gen, block_length=8, early_stop=False, record_trace=True)
+    result = generate(model, PROMPTS, f"{name}:steps={gen // 2},schedule=llada", gen_length=gen, block_length=8, early_stop=False, record_trace=True)
     for seq in result.sequences:
         left = (seq.trace.tokens_after == model.mask_id).sum(1)
         assert left.tolist() == list(range(gen - 2, -1, -2))
@@ -122,7 +123,7 @@ def test_loop_commits_the_best_scored_positions(model, name, stat, sign):
     """Through the trace: each step commits the k masked block positions with the best score."""
     gen, block = 16, 8
     for steps in (gen, gen // 4):
-        result = generate(model, PROMPTS, f"{name}:steps={steps}", gen_length=gen, block_length=block,
+        result = generate(model, PROMPTS, f"{name}:steps={steps},schedule=llada", gen_length=gen, block_length=block,
                           early_stop=False, record_trace=True)
         sched = llada_schedule(block, steps // (gen // block))
         for seq in result.sequences:
