@@ -374,3 +374,15 @@ def test_settings_that_do_not_fit_the_resolved_schedule_fail_at_decode(request, 
     model = request.getfixturevalue(which)
     err = error_of(generate, model, PROMPTS[:1], spec, gen_length=16, block_length=8)
     assert err.field == field
+
+
+def test_the_loop_lets_dreams_schedule_commit_nothing_at_a_step(dream):
+    # 16 positions in blocks of 8, 16 steps: 8 per block. Per block Dream's rule over 8 masked
+    # positions with grid linspace(1, 1e-3, 9) gives, worked by hand: step 0 int(8 * (1 - s/t)) with
+    # t = 1, s = 0.875125 -> int(0.999) = 0; then 1 each, and all that is left (2) on the last step:
+    # [0, 1, 1, 1, 1, 1, 1, 2]. The loop must make the empty call and not force a commit.
+    seq = generate(dream, ["hello"], "margin:steps=16", gen_length=16, block_length=8, early_stop=False,
+                   record_trace=True).sequences[0]
+    committed = (seq.trace.masked_before & (seq.trace.tokens_after != dream.mask_id)).sum(-1).tolist()
+    assert committed == [0, 1, 1, 1, 1, 1, 1, 2] * 2
+    assert seq.nfe == 16

@@ -14,7 +14,7 @@ import pytest
 
 from unmask.decoding import generate
 from unmask.decoding import policy_names
-from unmask.decoding.registry import policy_class
+from unmask.decoding.registry import parse_strategy, policy_class
 from unmask.testing import write_tiny_controller
 
 GEN, BLOCK = 16, 8
@@ -125,7 +125,10 @@ def test_batch_invariance_with_token_id_prompts_and_duplicate_rows(llada):
 @pytest.mark.parametrize("name", [n for n in POLICIES if not policy_class(n).whole_generation])
 def test_blocks_complete_left_to_right(model, name, tt):
     gen, block = 24, 8
-    result = generate(model, PROMPTS, spec_of(name), gen_length=gen, block_length=block, record_trace=True)
+    policy = parse_strategy(spec_of(name))
+    result = generate(model, PROMPTS, policy, gen_length=gen, block_length=block, record_trace=True)
+    # Dream's schedule (the fixed-rate orders on a Dream model) may commit nothing at a step
+    empty_steps = policy.empty_steps
     for seq in result.sequences:
         trace = seq.trace
         committed = tt.committed(trace, model.mask_id)
@@ -137,7 +140,8 @@ def test_blocks_complete_left_to_right(model, name, tt):
             assert not trace.masked_before[s, :start].any(), f"{name}: step {s} ran block {b} with earlier masks"
             assert trace.masked_before[s, end:].all(), f"{name}: a later block was touched before step {s}"
             assert not committed[s, :start].any() and not committed[s, end:].any()
-            assert committed[s, start:end].any(), f"{name}: step {s} committed nothing"
+            if not empty_steps:
+                assert committed[s, start:end].any(), f"{name}: step {s} committed nothing"
         # a block's last step leaves it full, and the next step moves on
         for s in range(trace.steps - 1):
             b = int(trace.block[s])

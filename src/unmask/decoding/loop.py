@@ -267,7 +267,7 @@ class Decoder:
             with self._timed("policy_s"):
                 decision = policy.decide(view, state)
             commit = decision.commit & masked
-            if not policy.remasking:
+            if not policy.remasking and not policy.empty_steps:
                 # progress guarantee: a step that commits nothing commits the most confident position
                 stuck = ~commit.any(-1) & masked.any(-1)
                 if bool(stuck.any()):

@@ -105,6 +105,8 @@ class Policy:
     # parameters that depart from the method's paper (or its public code where the paper is
     # silent): options, off at their defaults; every other default is the paper's setting
     departures: ClassVar[tuple[str, ...]] = ()
+    # a step may rightly commit nothing (Dream's schedule): the loop then does not force a commit
+    empty_steps: ClassVar[bool] = False
     remasking: ClassVar[bool] = False
     whole_generation: ClassVar[bool] = False
 
