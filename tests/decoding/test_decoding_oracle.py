@@ -42,7 +42,7 @@ class CountingForward:
 @pytest.mark.parametrize("early_stop", [True, False])
 def test_oracle_reproduces_the_reference_with_fewer_calls(model, early_stop):
     kwargs = dict(gen_length=16, block_length=8, early_stop=early_stop)
-    reference = generate(model, PROMPTS, "low_confidence", **kwargs)
+    reference = generate(model, PROMPTS, "low_confidence:schedule=llada", **kwargs)
     oracle = generate(model, PROMPTS, "oracle", record_trace=True, **kwargs)
     fewer = 0
     for ref, orc in zip(reference.sequences, oracle.sequences):
@@ -56,14 +56,14 @@ def test_oracle_reproduces_the_reference_with_fewer_calls(model, early_stop):
 
 def test_oracle_reference_is_one_token_per_step(model):
     """y* is the low_confidence decode with steps = gen_length, whatever the strategy default is."""
-    reference = generate(model, PROMPTS, "low_confidence:steps=16", gen_length=16, block_length=8)
+    reference = generate(model, PROMPTS, "low_confidence:steps=16,schedule=llada", gen_length=16, block_length=8)
     oracle = generate(model, PROMPTS, "oracle", gen_length=16, block_length=8)
     assert [s.tokens for s in oracle.sequences] == [s.tokens for s in reference.sequences]
 
 
 def test_oracle_nfe_counts_only_its_own_decode(model):
     prompt = PROMPTS[:1]
-    reference = generate(model, prompt, "low_confidence", gen_length=16, block_length=8).sequences[0]
+    reference = generate(model, prompt, "low_confidence:schedule=llada", gen_length=16, block_length=8).sequences[0]
     with CountingForward(model) as counter:
         oracle = generate(model, prompt, "oracle", gen_length=16, block_length=8).sequences[0]
     assert counter.calls == reference.nfe + oracle.nfe  # the reference ran, but is not charged
@@ -73,7 +73,7 @@ def test_oracle_nfe_counts_only_its_own_decode(model):
 
 def test_oracle_commits_exactly_the_agreeing_positions(model):
     result = generate(model, PROMPTS, "oracle", gen_length=16, block_length=8, record_trace=True)
-    reference = generate(model, PROMPTS, "low_confidence", gen_length=16, block_length=8)
+    reference = generate(model, PROMPTS, "low_confidence:schedule=llada", gen_length=16, block_length=8)
     for seq, ref in zip(result.sequences, reference.sequences):
         tr = seq.trace
         y = np.asarray(ref.tokens)

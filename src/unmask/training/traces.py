@@ -91,7 +91,7 @@ def samples_from_results(sequences, block_length: int) -> TraceData:
 # trajectory -> the strategy whose decode is recorded (both greedy, never remasking)
 TRAJECTORIES: dict[str, str] = {
     "egp": "oracle",  # Learn2PD's extremely greedy parallel decode towards the reference's y* (the default)
-    "low_confidence": "low_confidence",  # the reference itself: low-confidence order, one token per call
+    "low_confidence": "low_confidence:schedule=llada",  # the reference itself: low-confidence order, one token per call
 }
 
 

@@ -24,8 +24,10 @@ class Oracle(Policy):
     def prepare(self, model, prompts, decode_config) -> None:
         from unmask.decoding.loop import Decoder
         from unmask.decoding.policies.low_confidence import LowConfidence
+        from unmask.decoding.policies.schedule import ScheduledConfig
 
-        reference = Decoder(model, LowConfidence(), decode_config).run(prompts)
+        # one token per step on every model (DESIGN: the reference decode), Dream's included
+        reference = Decoder(model, LowConfidence(ScheduledConfig(schedule="llada")), decode_config).run(prompts)
         self._targets = torch.tensor([s.tokens for s in reference.sequences], device=model.device)
 
     def stop_predictions(self, rows, gen_top1):
