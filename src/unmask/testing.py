@@ -430,7 +430,7 @@ def write_tiny_controller(folder: str | Path, seed: int = 0) -> Path:
 
     Its probabilities are arbitrary but deterministic, which is all the loop's properties need.
     """
-    from unmask.training.controller import Controller
+    from unmask.decoding.controller import Controller
 
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)

@@ -77,7 +77,7 @@ class TSPD(Policy):
         self.tracker = FeatureTracker(window=getattr(controller, "window", 1))
 
     def controller_folder(self, model) -> Path:
-        from unmask.training.controller import default_controller_dir
+        from unmask.decoding.controller import default_controller_dir
 
         if self.config.controller:
             return Path(self.config.controller).expanduser()
@@ -92,7 +92,7 @@ class TSPD(Policy):
     def unavailable(self, model) -> str | None:
         if self._given:
             return None
-        from unmask.training.controller import CONFIG_FILE
+        from unmask.decoding.controller import CONFIG_FILE
 
         try:
             folder = self.controller_folder(model)
@@ -104,7 +104,7 @@ class TSPD(Policy):
 
     def prepare(self, model, prompts, decode_config) -> None:
         if not self._given:
-            from unmask.training.controller import CONFIG_FILE, load_controller
+            from unmask.decoding.controller import CONFIG_FILE, load_controller
 
             folder = self.controller_folder(model)
             stamp = (str(folder), os.path.getmtime(folder / CONFIG_FILE) if (folder / CONFIG_FILE).exists() else None)
