@@ -2,7 +2,7 @@
 
 R_total is one measure, computed from a decode's `Trace` alone by the functions here, the same for
 every policy: two decodes with identical traces score identically whatever policy made them. A
-policy's own event counters (`SequenceResult.events`, e.g. r2's `cluster_collapses`) say what the
+policy's own event counters (`SequenceResult.events`, e.g. r2's `cluster_commits`) say what the
 policy did; they are reported beside R_total, never in it.
 
 Notation, for a trace of S calls over G generation positions in blocks of L:
