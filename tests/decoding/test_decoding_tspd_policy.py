@@ -127,3 +127,26 @@ def test_a_malformed_controller_folder_is_a_clear_error(tiny, tmp_path):
     (folder / "controller.json").write_text("{not json")
     with pytest.raises(UnmaskError, match="unusable"):
         generate(tiny, ["hello"], f"tspd:controller={folder}")
+
+
+def test_arch_picks_the_controller_folder_beside_the_model(tiny, tmp_path):
+    from unmask.decoding.controller import RecurrentController
+
+    assert default_controller_dir(tmp_path).name == "controller"
+    assert default_controller_dir(tmp_path, None, "lstm").name == "controller-lstm"
+    assert default_controller_dir(tmp_path, "momentum", "lstm").name == "controller-lstm-drop-momentum"
+    _save_random_controller(default_controller_dir(tmp_path))
+    torch.manual_seed(0)
+    lstm = RecurrentController(groups_without(None), hidden=4)
+    lstm.set_normalisation(torch.rand(64, len(FEATURE_NAMES)))
+    lstm.save(default_controller_dir(tmp_path, None, "lstm"))
+    tiny.path = str(tmp_path)
+    try:
+        for arch, kind in (("mlp", Controller), ("lstm", RecurrentController)):
+            policy = parse_strategy(f"tspd:arch={arch}")
+            assert tiny.mask_id not in generate(tiny, ["hello"], policy).sequences[0].tokens
+            assert type(policy.controller) is kind
+    finally:
+        tiny.path = None
+    with pytest.raises(UnmaskError, match="arch"):
+        parse_strategy("tspd:arch=gru")

@@ -27,9 +27,11 @@ CONFIG_FILE = "controller.json"
 PLOT_FILE = "loss.png"
 
 
-def default_controller_dir(model_path, drop: str | None = None) -> Path:
-    """Where the controller of the model at `model_path` lives (one per dropped group for ablations)."""
-    return Path(model_path) / ("controller" if drop is None else f"controller-drop-{drop}")
+def default_controller_dir(model_path, drop: str | None = None, arch: str = "mlp") -> Path:
+    """Where the controller of the model at `model_path` lives: `controller/` for the window MLP,
+    `controller-lstm/` for the recurrent one, each with `-drop-GROUP` for an ablation."""
+    name = "controller" + ("-lstm" if arch == "lstm" else "")
+    return Path(model_path) / (name if drop is None else f"{name}-drop-{drop}")
 
 
 class _ControllerBase(nn.Module):

@@ -341,7 +341,7 @@ def train_controller(config: ControllerTrainConfig) -> dict:
                 "the traces do not name one model folder to save beside (in-memory model, or several models); pass --out DIR",
                 field="out",
             )
-        out = default_controller_dir(paths.pop(), config.drop)
+        out = default_controller_dir(paths.pop(), config.drop, config.arch)
     controller, record = fit_controller(data, config)
     trained_on = [{k: m.get(k) for k in ("path", "model", "model_path", "task", "split", "n", "trajectory", "strategy",
                                           "gen_length", "block_length", "rows", "positives")} for m in data.meta]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from unmask.decoding.controller import ARCHITECTURES
 from unmask.decoding.features import FEATURE_GROUPS, FeatureTracker, groups_without
 from unmask.decoding.policies.base import Decision, Policy, PolicyConfig
 from unmask.decoding.policies.ce import CEConfig, ConfidenceExtrapolation, with_progress
@@ -18,7 +19,8 @@ from unmask.errors import UnmaskError
 @dataclass
 class TSPDConfig(PolicyConfig):
     tau: float = 0.9  # commit a masked position when the controller's P(converged) exceeds tau
-    controller: str | None = None  # controller folder; default <model_dir>/controller (or controller-drop-GROUP)
+    controller: str | None = None  # controller folder; default <model_dir>/controller[-lstm][-drop-GROUP]
+    arch: str = "mlp"  # which controller beside the model: mlp (controller/) or lstm (controller-lstm/)
     drop: str | None = None  # feature group left out; the controller must have been trained without it
     ce: bool = False  # add CE's look-ahead commits and holds (at CE's default settings)
 
@@ -26,6 +28,8 @@ class TSPDConfig(PolicyConfig):
         super().validate()
         if not 0.0 <= self.tau < 1.0:
             raise UnmaskError(f"tau must be in [0, 1), got {self.tau}", field="tau")
+        if self.arch not in ARCHITECTURES:
+            raise UnmaskError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {self.arch!r}", field="arch")
         if self.drop is not None and self.drop not in FEATURE_GROUPS:
             raise UnmaskError(f"drop must be one of {', '.join(FEATURE_GROUPS)}, got {self.drop!r}", field="drop")
 
@@ -58,8 +62,9 @@ class TSPD(Policy):
     controllers shipped with the built-in model are window MLPs trained on low_confidence
     trajectories (their controller.json, `trained_on`, says so) until retrained on EGP traces.
 
-    The controller is read from `controller=PATH`, else from the model's folder
-    (`<model_dir>/controller/`, `<model_dir>/controller-drop-GROUP/` with `drop`). `drop` removes a
+    The controller is read from `controller=PATH` (whatever its architecture), else from the
+    model's folder: `<model_dir>/controller/` (`arch=mlp`) or `<model_dir>/controller-lstm/`
+    (`arch=lstm`), with `-drop-GROUP` appended for `drop`. `drop` removes a
     feature group for the ablation and requires a controller trained without exactly that group.
     Per call the overhead is one feature pass and one small MLP or LSTM-cell step over the block.
     """
@@ -87,7 +92,7 @@ class TSPD(Policy):
                 "pass tspd:controller=PATH",
                 field="controller",
             )
-        return default_controller_dir(model.path, self.config.drop)
+        return default_controller_dir(model.path, self.config.drop, self.config.arch)
 
     def unavailable(self, model) -> str | None:
         if self._given:
