@@ -410,6 +410,46 @@ def make_view(probs, masked=None, stable=None, mask_id: int = 0, block_step: int
     )
 
 
+def logits_view(logits: torch.Tensor, masked: torch.Tensor, *, block_step: int = 0, gen_length: int | None = None,
+                num_blocks: int = 1, seeds: list[int] | None = None):
+    """A complete `StepView` built from raw logits (b, block, V), statistics computed in float64 (mask id 99).
+
+    For tests of schedule rules that need exact arithmetic; `make_view` builds one from probabilities.
+    """
+    from unmask.decoding.policies.base import StepView
+
+    b, block, _ = logits.shape
+    probs = torch.softmax(logits.double(), dim=-1)
+    top = torch.topk(probs, 2, dim=-1)
+    entropy = -(probs * torch.log(probs.clamp_min(1e-300))).sum(-1)
+    top1 = top.indices[..., 0]
+    seeds = seeds if seeds is not None else [0] * b
+    return StepView(
+        rows=torch.arange(b),
+        positions=torch.arange(block).expand(b, block),
+        tokens=torch.where(masked, torch.full_like(top1, 99), top1),
+        masked=masked,
+        logits=logits.float(),
+        top1=top1,
+        top1_prob=top.values[..., 0].float(),
+        candidate=top1,
+        confidence=top.values[..., 0].float(),
+        margin=(top.values[..., 0] - top.values[..., 1]).float(),
+        entropy=entropy.float(),
+        stable=torch.ones(b, block, dtype=torch.long),
+        prev_confidence=torch.full((b, block), float("nan")),
+        block_step=torch.full((b,), block_step, dtype=torch.long),
+        step=block_step,
+        gen_top1=top1,
+        block_length=block,
+        gen_length=gen_length or block * num_blocks,
+        num_blocks=num_blocks,
+        mask_id=99,
+        stop_ids=(0,),
+        generators=[torch.Generator().manual_seed(s) for s in seeds],
+    )
+
+
 def assert_left_padding_is_invisible(model: DiffusionLM, rows: list[list[int]], tol: float = 1e-4) -> None:
     """Left-pad `rows` into one batch and check each row's logits equal those of the row alone."""
     width = max(len(r) for r in rows)

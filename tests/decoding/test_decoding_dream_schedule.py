@@ -20,10 +20,15 @@ import numpy as np
 import pytest
 import torch
 
-from unmask.decoding import DecodeConfig, StepView, generate
-from unmask.decoding.policies.schedule import ScheduledConfig, dream_counts, sample_positions
+from unmask.decoding import DecodeConfig, generate
+from unmask.decoding.policies.schedule import (
+    ScheduledConfig,
+    dream_counts,
+    sample_positions,
+)
 from unmask.decoding.registry import parse_strategy
 from unmask.errors import UnmaskError
+from unmask.testing import logits_view
 
 PROMPTS = ["what is 2 plus 3 ?", "hello", "tom has 5 apples and ann has 7 pens . how many apples ?"]
 SCORED = ["low_confidence", "margin", "entropy"]
@@ -64,41 +69,6 @@ def error_of(fn, *args, **kwargs) -> UnmaskError:
     message = str(info.value)
     assert message and "\n" not in message, f"not one clear line: {message!r}"
     return info.value
-
-
-def make_view(logits: torch.Tensor, masked: torch.Tensor, *, block_step: int, num_blocks: int = 1,
-              seeds: list[int] | None = None) -> StepView:
-    """A StepView of raw logits (b, block, V), statistics computed here in float64."""
-    b, block, _ = logits.shape
-    probs = torch.softmax(logits.double(), dim=-1)
-    top = torch.topk(probs, 2, dim=-1)
-    entropy = -(probs * torch.log(probs.clamp_min(1e-300))).sum(-1)
-    top1 = top.indices[..., 0]
-    seeds = seeds if seeds is not None else [0] * b
-    return StepView(
-        rows=torch.arange(b),
-        positions=torch.arange(block).expand(b, block),
-        tokens=torch.where(masked, torch.full_like(top1, 99), top1),
-        masked=masked,
-        logits=logits.float(),
-        top1=top1,
-        top1_prob=top.values[..., 0].float(),
-        candidate=top1,
-        confidence=top.values[..., 0].float(),
-        margin=(top.values[..., 0] - top.values[..., 1]).float(),
-        entropy=entropy.float(),
-        stable=torch.ones(b, block, dtype=torch.long),
-        prev_confidence=torch.full((b, block), float("nan")),
-        block_step=torch.full((b,), block_step, dtype=torch.long),
-        step=block_step,
-        gen_top1=top1,
-        block_length=block,
-        gen_length=block * num_blocks,
-        num_blocks=num_blocks,
-        mask_id=99,
-        stop_ids=(0,),
-        generators=[torch.Generator().manual_seed(s) for s in seeds],
-    )
 
 
 def per_step_commits(trace, mask_id: int) -> list[int]:
@@ -144,7 +114,7 @@ def test_policy_commits_dreams_counts_of_its_best_positions(name, m, n, expected
     masked = torch.ones(2, m, dtype=torch.bool)
     stat, sign = STAT[name]
     for i in range(n):
-        view = make_view(logits, masked, block_step=i)
+        view = logits_view(logits, masked, block_step=i)
         commit = policy.decide(view, None).commit
         assert not (commit & ~masked).any()
         for r in range(2):
@@ -314,11 +284,11 @@ def test_random_commits_each_position_with_probability_one_minus_s_over_t():
     # n=4, eps=1e-3 (see DREAM_10_4): p = .24975 at step 0, .49900 at step 2, 1 at the last step;
     # a Binomial(2000, p) count has standard deviation at most 22.4
     for step, p in ((0, 0.24975), (2, 0.49900), (3, 1.0)):
-        commit = policy.decide(make_view(logits, masked, block_step=step), None).commit
+        commit = policy.decide(logits_view(logits, masked, block_step=step), None).commit
         assert abs(int(commit.sum()) - block * p) < 90, (step, int(commit.sum()))
     # only masked positions, and the same draws for the same sequence seed
     half = torch.arange(block)[None].expand(3, block) % 2 == 0
-    commit = policy.decide(make_view(logits.expand(3, block, 5), half, block_step=0, seeds=[7, 8, 7]), None).commit
+    commit = policy.decide(logits_view(logits.expand(3, block, 5), half, block_step=0, seeds=[7, 8, 7]), None).commit
     assert not (commit & ~half).any()
     assert torch.equal(commit[0], commit[2]) and not torch.equal(commit[0], commit[1])
 

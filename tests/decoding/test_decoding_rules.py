@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from unmask.decoding import StepView, generate
+from unmask.decoding import generate
 from unmask.decoding.registry import parse_strategy
 from unmask.errors import UnmaskError
+from unmask.testing import logits_view
 
 PROMPTS = ["what is 2 plus 3 ?", "hello", "tom has 5 apples and ann has 7 pens . how many apples ?"]
 SCHEDULED = ["low_confidence", "random", "margin", "entropy"]
@@ -30,39 +31,6 @@ def llada_schedule(block_length: int, steps_per_block: int) -> list[int]:
     """LLaDA's get_num_transfer_tokens for a fresh block: m // s each, +1 for the first m % s."""
     base, rem = divmod(block_length, steps_per_block)
     return [base + (1 if i < rem else 0) for i in range(steps_per_block)]
-
-
-def make_view(logits: torch.Tensor, masked: torch.Tensor, *, block_step=0, gen_length=None, num_blocks=1) -> StepView:
-    """A complete StepView built from raw logits (b, block, V) with statistics computed here, in float64."""
-    b, block, _ = logits.shape
-    probs = torch.softmax(logits.double(), dim=-1)
-    top = torch.topk(probs, 2, dim=-1)
-    entropy = -(probs * torch.log(probs.clamp_min(1e-300))).sum(-1)
-    top1 = top.indices[..., 0]
-    return StepView(
-        rows=torch.arange(b),
-        positions=torch.arange(block).expand(b, block),
-        tokens=torch.where(masked, torch.full_like(top1, 99), top1),
-        masked=masked,
-        logits=logits.float(),
-        top1=top1,
-        top1_prob=top.values[..., 0].float(),
-        candidate=top1,
-        confidence=top.values[..., 0].float(),
-        margin=(top.values[..., 0] - top.values[..., 1]).float(),
-        entropy=entropy.float(),
-        stable=torch.ones(b, block, dtype=torch.long),
-        prev_confidence=torch.full((b, block), float("nan")),
-        block_step=torch.full((b,), block_step, dtype=torch.long),
-        step=block_step,
-        gen_top1=top1,
-        block_length=block,
-        gen_length=gen_length or block * num_blocks,
-        num_blocks=num_blocks,
-        mask_id=99,
-        stop_ids=(0,),
-        generators=[torch.Generator().manual_seed(0) for _ in range(b)],
-    )
 
 
 def top_k_expected(score: np.ndarray, masked: np.ndarray, k: int) -> set[int]:
@@ -166,7 +134,7 @@ def designed_logits() -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("name,expected", [("low_confidence", 0), ("margin", 1), ("entropy", 2)])
 def test_orders_on_designed_logits(name, expected):
     logits, masked = designed_logits()
-    view = make_view(logits, masked)
+    view = logits_view(logits, masked)
     # the design really separates the three scores
     conf, marg, ent = view.confidence[0, :3], view.margin[0, :3], view.entropy[0, :3]
     assert int(conf.argmax()) == 0 and int(marg.argmax()) == 1 and int(ent.argmin()) == 2
@@ -186,7 +154,7 @@ def test_orders_on_random_logits(name, stat, sign):
         masked[:, 0] = True
         num_blocks = 2
         for steps, block_step in ((16, 0), (4, 0), (4, 1), (6, 2)):
-            view = make_view(logits, masked, block_step=block_step, num_blocks=num_blocks)
+            view = logits_view(logits, masked, block_step=block_step, num_blocks=num_blocks)
             k = llada_schedule(block, steps // num_blocks)[block_step]
             commit = parse_strategy(f"{name}:steps={steps}").decide(view, None).commit
             for r in range(b):

@@ -140,23 +140,10 @@ def decode_with_traces(
     return sequences, settings
 
 
-def collect(
-    model,
-    prompts: list,
-    trajectory: str = "egp",
-    gen_length: int | None = None,
-    block_length: int | None = None,
-    batch_size: int = 16,
-    seed: int = 0,
-    early_stop: bool = True,
-    progress: bool = False,
-) -> tuple[TraceData, dict]:
-    """Decode `prompts` along `trajectory` (egp or low_confidence), recording traces; return the labelled
-    rows and the settings used."""
-    sequences, settings = decode_with_traces(
-        model, prompts, trajectory=trajectory, gen_length=gen_length, block_length=block_length,
-        batch_size=batch_size, seed=seed, early_stop=early_stop, progress=progress,
-    )
+def collect(model, prompts: list, **options) -> tuple[TraceData, dict]:
+    """Decode `prompts` as `decode_with_traces(model, prompts, **options)` does (egp trajectories by
+    default), and return the labelled rows and the settings used."""
+    sequences, settings = decode_with_traces(model, prompts, **options)
     return samples_from_results(sequences, settings.get("block_length", 1)), settings
 
 
