@@ -77,7 +77,7 @@ def trained_controller(tiny, tmp_path_factory):
 
     train_prompts = ["the cat is here", "tom has 3 apples", "what is 2 + 2 ?", "sam gave ann a book", "x = 1", "how much"]
     data, _ = collect(tiny, train_prompts, gen_length=16, block_length=8)
-    controller, _ = fit_controller(data, ControllerTrainConfig(epochs=30, window=2, hidden=8, batch_size=256, progress=False))
+    controller, _ = fit_controller(data, ControllerTrainConfig(arch="mlp", epochs=30, window=2, hidden=8, batch_size=256, progress=False))
     with torch.no_grad():
         median = float(controller.probability(build_windows(data.features, data.prev, 2)).median())
     return controller.save(tmp_path_factory.mktemp("controller")), median
@@ -132,18 +132,19 @@ def test_a_malformed_controller_folder_is_a_clear_error(tiny, tmp_path):
 def test_arch_picks_the_controller_folder_beside_the_model(tiny, tmp_path):
     from unmask.decoding.controller import RecurrentController
 
-    assert default_controller_dir(tmp_path).name == "controller"
-    assert default_controller_dir(tmp_path, None, "lstm").name == "controller-lstm"
-    assert default_controller_dir(tmp_path, "momentum", "lstm").name == "controller-lstm-drop-momentum"
-    _save_random_controller(default_controller_dir(tmp_path))
+    assert default_controller_dir(tmp_path).name == "controller"  # the LSTM, the paper's
+    assert default_controller_dir(tmp_path, None, "mlp").name == "controller-mlp"
+    assert default_controller_dir(tmp_path, "momentum", "mlp").name == "controller-mlp-drop-momentum"
+    assert default_controller_dir(tmp_path, "momentum").name == "controller-drop-momentum"
+    _save_random_controller(default_controller_dir(tmp_path, None, "mlp"))
     torch.manual_seed(0)
     lstm = RecurrentController(groups_without(None), hidden=4)
     lstm.set_normalisation(torch.rand(64, len(FEATURE_NAMES)))
-    lstm.save(default_controller_dir(tmp_path, None, "lstm"))
+    lstm.save(default_controller_dir(tmp_path))
     tiny.path = str(tmp_path)
     try:
-        for arch, kind in (("mlp", Controller), ("lstm", RecurrentController)):
-            policy = parse_strategy(f"tspd:arch={arch}")
+        for spec, kind in (("tspd", RecurrentController), ("tspd:arch=mlp", Controller), ("tspd:arch=lstm", RecurrentController)):
+            policy = parse_strategy(spec)
             assert tiny.mask_id not in generate(tiny, ["hello"], policy).sequences[0].tokens
             assert type(policy.controller) is kind
     finally:

@@ -219,7 +219,7 @@ def _synthetic(n_seq=24, per_seq=80, seed=0) -> TraceData:
     return TraceData(features, labels, prev.astype(np.int64), sequence, zeros, zeros)
 
 
-FAST = dict(epochs=15, patience=5, batch_size=64, progress=False, hidden=16)
+FAST = dict(arch="mlp", epochs=15, patience=5, batch_size=64, progress=False, hidden=16)
 
 
 def test_the_controller_learns_a_separable_rule_and_validation_loss_falls():
@@ -242,7 +242,7 @@ def test_the_lstm_learns_the_same_rule_with_about_2k_parameters():
     data = _synthetic()
     rows = np.arange(len(data))
     data.prev = np.where(rows % 8 == 0, -1, rows - 1)  # sequences of 8 calls
-    controller, record = fit_controller(data, ControllerTrainConfig(**{**FAST, "hidden": None}, arch="lstm"))
+    controller, record = fit_controller(data, ControllerTrainConfig(**{**FAST, "hidden": None, "arch": "lstm"}))
     assert isinstance(controller, RecurrentController) and controller.hidden == 16
     assert 1500 < sum(p.numel() for p in controller.parameters()) < 2500
     assert record["val_loss"] < 0.6 * record["history"]["val_loss"][0]
@@ -339,7 +339,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 def test_lstm_save_and_load_round_trip_and_old_mlp_folders_still_load(tmp_path):
     data = _synthetic(n_seq=6)
-    controller, record = fit_controller(data, ControllerTrainConfig(**{**FAST, "epochs": 2, "hidden": None}, arch="lstm"))
+    controller, record = fit_controller(data, ControllerTrainConfig(**{**FAST, "epochs": 2, "hidden": None, "arch": "lstm"}))
     controller.save(tmp_path / "lstm", extra={"val_loss": record["val_loss"]})
     loaded, config = load_controller(tmp_path / "lstm")
     assert isinstance(loaded, RecurrentController) and config["arch"] == "lstm" and config["hidden"] == 16

@@ -27,10 +27,12 @@ CONFIG_FILE = "controller.json"
 PLOT_FILE = "loss.png"
 
 
-def default_controller_dir(model_path, drop: str | None = None, arch: str = "mlp") -> Path:
-    """Where the controller of the model at `model_path` lives: `controller/` for the window MLP,
-    `controller-lstm/` for the recurrent one, each with `-drop-GROUP` for an ablation."""
-    name = "controller" + ("-lstm" if arch == "lstm" else "")
+def default_controller_dir(model_path, drop: str | None = None, arch: str = "lstm") -> Path:
+    """Where the controller of the model at `model_path` lives: `controller/` for the recurrent one
+    (the paper's, the default), `controller-mlp/` for the window MLP, each with `-drop-GROUP` for
+    an ablation. (Folders written before the LSTM existed hold an MLP in `controller/`; the loader
+    builds whatever a folder's controller.json names.)"""
+    name = "controller" if arch == "lstm" else f"controller-{arch}"
     return Path(model_path) / (name if drop is None else f"{name}-drop-{drop}")
 
 

@@ -100,7 +100,7 @@ class ControllerTrainConfig:
     traces: tuple[str, ...] = ()
     out: str | None = None  # default: beside the model the traces came from
     drop: str | None = None  # feature group left out (ablation)
-    arch: str = "mlp"  # mlp: window MLP; lstm: LSTM cell over the position's calls in its block
+    arch: str = "lstm"  # lstm: LSTM cell over the position's calls in its block (the paper's); mlp: window MLP
     window: int = 3  # calls the MLP sees: this one and window - 1 before it (the LSTM sees them all)
     hidden: int | None = None  # default: 32 for mlp, 16 for lstm
     epochs: int = 200

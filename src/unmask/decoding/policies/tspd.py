@@ -19,8 +19,8 @@ from unmask.errors import UnmaskError
 @dataclass
 class TSPDConfig(PolicyConfig):
     tau: float = 0.9  # commit a masked position when the controller's P(converged) exceeds tau
-    controller: str | None = None  # controller folder; default <model_dir>/controller[-lstm][-drop-GROUP]
-    arch: str = "mlp"  # which controller beside the model: mlp (controller/) or lstm (controller-lstm/)
+    controller: str | None = None  # controller folder; default <model_dir>/controller[-mlp][-drop-GROUP]
+    arch: str = "lstm"  # which controller beside the model: lstm (controller/, the paper's) or mlp (controller-mlp/)
     drop: str | None = None  # feature group left out; the controller must have been trained without it
     ce: bool = False  # add CE's look-ahead commits and holds (at CE's default settings)
 
@@ -47,24 +47,24 @@ class TSPD(Policy):
     under-confident positions (see `ce`).
 
     Architecture: the one the controller folder records (`arch` in controller.json; see
-    `unmask.training.controller`). `mlp` (`unmask train controller`'s default, and every folder
-    written before `arch` existed) is an MLP over the features of this call and the `window - 1`
-    before it (a departure: the paper's controller is LSTM-like). `lstm` is an LSTM cell (hidden 16 by default) run one
-    step per call: its hidden state is kept in the policy state per (sequence row, generation
-    position), is zero at the position's first call of its block, and advances at each call while
-    the position's block is the current one.
+    `unmask.training.controller`). `lstm` (the default, the paper's "LSTM-like" model) is an LSTM
+    cell (hidden 16) run one step per call: its hidden state is kept in the policy state per
+    (sequence row, generation position), is zero at the position's first call of its block, and
+    advances at each call while the position's block is the current one. `arch=mlp` (a departure)
+    reads the MLP over the features of this call and the `window - 1` before it; measured beside
+    the LSTM in docs/methods.md.
 
     Supervision: `unmask train collect-traces` records, by default, Extremely Greedy Parallel
     trajectories as the paper does (the `oracle` decode: each call commits every masked position
     whose top-1 already equals the one-token-per-call low-confidence output), labelling each
     (call, masked position of the block) 1 iff its top-1 at that call equals its final token;
     `--trajectory low_confidence` records that one-token-per-call reference decode instead. The
-    controllers shipped with the built-in model are window MLPs trained on low_confidence
-    trajectories (their controller.json, `trained_on`, says so) until retrained on EGP traces.
+    controllers shipped with the built-in model are trained on EGP traces (controller.json,
+    `trained_on`, says so).
 
     The controller is read from `controller=PATH` (whatever its architecture), else from the
-    model's folder: `<model_dir>/controller/` (`arch=mlp`) or `<model_dir>/controller-lstm/`
-    (`arch=lstm`), with `-drop-GROUP` appended for `drop`. `drop` removes a
+    model's folder: `<model_dir>/controller/` (`arch=lstm`, the default) or
+    `<model_dir>/controller-mlp/` (`arch=mlp`), with `-drop-GROUP` appended for `drop`. `drop` removes a
     feature group for the ablation and requires a controller trained without exactly that group.
     Per call the overhead is one feature pass and one small MLP or LSTM-cell step over the block.
     """
