@@ -477,3 +477,16 @@ def write_tiny_controller(folder: str | Path, seed: int = 0) -> Path:
     controller = Controller()
     torch.random.set_rng_state(generator_state)
     return controller.save(folder)
+
+
+def error_of(fn, *args, **kwargs):
+    """Call `fn` expecting an UnmaskError; check its message is one clear line and return it."""
+    import pytest
+
+    from unmask.errors import UnmaskError
+
+    with pytest.raises(UnmaskError) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert message and "\n" not in message, f"not one clear line: {message!r}"
+    return info.value

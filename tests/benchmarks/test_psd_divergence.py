@@ -1,7 +1,5 @@
 """benchmarks/psd_divergence.py: which of PSD's commits made its answer differ from the greedy one."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,15 +7,10 @@ import torch
 from unmask.decoding import generate, parse_strategy
 from unmask.testing import peaked, scripted_model, tiny_tokenizer, write_tiny_llada
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "psd_divergence.py"
-
 
 @pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("psd_divergence", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def script(load_benchmark):
+    return load_benchmark("psd_divergence")
 
 
 def test_the_recorder_tells_rule_commits_from_accepted_drafts(script):

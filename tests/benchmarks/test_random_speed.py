@@ -1,20 +1,13 @@
 """benchmarks/random_speed.py: a random network of a named shape, timed through the one loop."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "random_speed.py"
-
 
 @pytest.fixture(scope="module")
-def random_speed():
-    spec = importlib.util.spec_from_file_location("random_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def random_speed(load_benchmark):
+    return load_benchmark("random_speed")
 
 
 def test_the_8b_shape_is_llada_8b(random_speed):

@@ -27,8 +27,7 @@ from unmask.decoding.policies.schedule import (
     sample_positions,
 )
 from unmask.decoding.registry import parse_strategy
-from unmask.errors import UnmaskError
-from unmask.testing import logits_view
+from unmask.testing import error_of, logits_view
 
 PROMPTS = ["what is 2 plus 3 ?", "hello", "tom has 5 apples and ann has 7 pens . how many apples ?"]
 SCORED = ["low_confidence", "margin", "entropy"]
@@ -61,14 +60,6 @@ DREAM_8_8 = [0, 1, 1, 1, 1, 1, 1, 2]
 # m=10, n=2, eps=.5:   t = 1, .75, .5    -> i=0: 10 x .25   = 2.5   -> 2; i=1: the 8 left
 DREAM_10_2 = [4, 6]
 DREAM_10_2_EPS_HALF = [2, 8]
-
-
-def error_of(fn, *args, **kwargs) -> UnmaskError:
-    with pytest.raises(UnmaskError) as info:
-        fn(*args, **kwargs)
-    message = str(info.value)
-    assert message and "\n" not in message, f"not one clear line: {message!r}"
-    return info.value
 
 
 def per_step_commits(trace, mask_id: int) -> list[int]:

@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import pytest
 
-from unmask.decoding import DecodeConfig, describe_policies, generate, parse_strategy, policy_names
+from unmask.decoding import (
+    DecodeConfig,
+    describe_policies,
+    generate,
+    parse_strategy,
+    policy_names,
+)
 from unmask.decoding.registry import build_policy
-from unmask.errors import UnmaskError
+from unmask.testing import error_of
 
 BASELINES = ("low_confidence", "random", "margin", "entropy", "threshold", "factor", "one_shot", "oracle")
-
-
-def error_of(fn, *args, **kwargs) -> UnmaskError:
-    with pytest.raises(UnmaskError) as info:
-        fn(*args, **kwargs)
-    message = str(info.value)
-    assert message and "\n" not in message, f"not one clear line: {message!r}"
-    return info.value
 
 
 # ---------------------------------------------------------------------------------------------
