@@ -490,3 +490,57 @@ def error_of(fn, *args, **kwargs):
     message = str(info.value)
     assert message and "\n" not in message, f"not one clear line: {message!r}"
     return info.value
+
+
+class FaultyNetwork(torch.nn.Module):
+    """Wraps a network and makes its logits non-finite on demand, to test the NaN guards.
+
+    Call `n` (1-based, counted in `calls`) sets every logit of an output row to `value` (NaN by
+    default) when `n >= from_call` and the row passes the optional filters: `trigger` (a token id
+    the row's input must hold) and `masks_at_most` (the row holds at most that many `mask_id`
+    tokens, i.e. an earlier block has been decoded). Rows are judged on the tokens the call gets,
+    so the filters suit whole-canvas calls (no KV cache); `from_call` alone works with any cache.
+    """
+
+    def __init__(self, inner: torch.nn.Module, from_call: int = 1, trigger: int | None = None,
+                 mask_id: int | None = None, masks_at_most: int | None = None, value: float = float("nan")):
+        super().__init__()
+        self.inner, self.vocab_size = inner, inner.vocab_size
+        self.from_call, self.trigger, self.mask_id, self.masks_at_most, self.value = (
+            from_call, trigger, mask_id, masks_at_most, value)
+        self.calls = 0
+
+    def forward(self, input_ids, position_ids=None, key_mask=None, cache=None):
+        out = self.inner(input_ids, position_ids=position_ids, key_mask=key_mask, cache=cache)
+        self.calls += 1
+        if self.calls < self.from_call:
+            return out
+        hit = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if self.trigger is not None:
+            hit &= (input_ids == self.trigger).any(-1)
+        if self.masks_at_most is not None:
+            hit &= (input_ids == self.mask_id).sum(-1) <= self.masks_at_most
+        return torch.where(hit[:, None, None], torch.full_like(out, self.value), out)
+
+
+def faulty_model(model: DiffusionLM, from_call: int = 1, trigger: str | None = None, after_blocks: int = 0,
+                 value: float = float("nan")) -> DiffusionLM:
+    """`model` returning `value` (NaN) logits from its call `from_call` on, for prompts holding the word
+    `trigger` (all prompts if None), once `after_blocks` blocks of the default generation are decoded.
+
+    A stand-in for a bf16 overflow or a broken checkpoint: a decode (or a server request) that hits
+    it must fail with `NonFiniteLogitsError`, and one that does not must decode as `model` does.
+    """
+    import dataclasses
+
+    trigger_id = None
+    if trigger is not None:
+        trigger_id = model.tokenizer.token_id(trigger)
+        if trigger_id is None:
+            raise ValueError(f"trigger {trigger!r} is not one token of the model's vocabulary")
+    masks = None
+    if after_blocks:
+        masks = model.defaults.gen_length - after_blocks * model.defaults.block_length
+    network = FaultyNetwork(model.network, from_call=from_call, trigger=trigger_id, mask_id=model.mask_id,
+                            masks_at_most=masks, value=value)
+    return dataclasses.replace(model, network=network)

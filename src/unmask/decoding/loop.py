@@ -4,7 +4,8 @@ Every strategy in unmask runs here: the loop builds the canvas (prompt + `gen_le
 padded into a batch), calls the model, turns logits into per-position statistics, asks the policy
 which positions to commit, writes them, advances blocks, applies the stop rule, records the trace
 and counts NFE, rows and time. It is the only place that calls the model during decoding and the
-only place that counts.
+only place that counts, and the one place logits are checked: NaN or infinite logits at a
+generation position stop the decode with `NonFiniteLogitsError` (never a silent commit of garbage).
 
 Sequences of a batch move independently: each has its own current block, and a sequence that has
 finished leaves the batch (it is not forwarded again), so its NFE is exactly the calls it took part
@@ -25,7 +26,7 @@ import torch
 from unmask.decoding.config import DecodeConfig
 from unmask.decoding.policies.base import Policy, StepView, most_confident
 from unmask.decoding.trace import Trace, TraceRecorder
-from unmask.errors import UnmaskError
+from unmask.errors import NonFiniteLogitsError, UnmaskError
 from unmask.models.cache import KVCache
 
 Prompt = str | list[dict] | list[int]
@@ -207,6 +208,7 @@ class Decoder:
         known_stats = {key: torch.full((batch, gen), float("nan"), device=device)
                        for key in ("top1_prob", "margin", "entropy")} if cfg.record_trace else None
         self._canvas = (canvas, attention, positions, prompt_len)
+        self._blocks = (block_idx, num_blocks)  # named by the non-finite-logits error
         cancelled_rows: set[int] = set()
         step = 0
         start = time.perf_counter()
@@ -399,7 +401,7 @@ class Decoder:
             self._seconds[key] += time.perf_counter() - t0
 
     def _forward(self, rows, prompt_len: int, rows_per_seq=1, tokens=None, query_pos=None, cache=None,
-                 cache_rows=None, read_only: bool = False) -> torch.Tensor:
+                 cache_rows=None, read_only: bool = False, verifying: bool = False) -> torch.Tensor:
         """The one place a decode calls the model. Counts one NFE per sequence of `rows`.
 
         Without `query_pos`: logits of the whole generation region (rows, gen, V), and with a cache
@@ -407,6 +409,12 @@ class Decoder:
         attending over the cache. `tokens` may hold several canvases per sequence (PSD's drafts,
         `rows_per_seq` an int or a per-sequence tensor, `cache_rows` the sequence of each canvas):
         its canvases are the sequence's rows.
+
+        Every position it returns is one the decode may read (the policy, the stop rule, the
+        trace), so all are checked: a position whose logits hold a NaN or +inf, or no finite value
+        once the mask token's column is -inf, stops the decode with `NonFiniteLogitsError`. Prompt
+        positions are never returned, so what the model says there (left padding may be NaN) is
+        ignored, and -inf on some tokens is a legitimate "never this token".
         """
         nfe, rows_count = self._counters
         canvas, attention, positions, _ = self._canvas
@@ -420,9 +428,27 @@ class Decoder:
                 logits = self.model.logits_at(tokens, positions[owners], query_pos, cache, read_only=read_only, rows=owners)
         logits = logits.float()
         logits[..., self.model.mask_id] = float("-inf")  # the mask token is never a prediction
+        # the row maximum is NaN if any logit is, +inf if any is, -inf if none is finite: one cheap check
+        row_max = logits.amax(-1)
+        if not bool(torch.isfinite(row_max).all()):
+            raise self._non_finite(row_max, owners, verifying)
         nfe[rows.cpu()] += 1
         rows_count[rows.cpu()] += rows_per_seq
         return logits
+
+    def _non_finite(self, row_max: torch.Tensor, owners: torch.Tensor, verifying: bool) -> NonFiniteLogitsError:
+        """The error for a call whose logits (maximum per position `row_max`, (canvases, q)) are not all finite."""
+        nfe, _ = self._counters
+        block_idx, num_blocks = self._blocks
+        bad = (~torch.isfinite(row_max)).sum(-1).cpu().tolist()  # per canvas
+        width = row_max.shape[1]
+        details: dict[int, list[int]] = {}
+        for canvas, row in enumerate(owners.cpu().tolist()):
+            info = details.setdefault(row, [0, 0, int(nfe[row]) + 1, int(block_idx[row])])
+            info[0] += bad[canvas]
+            info[1] += width
+        return NonFiniteLogitsError({row: tuple(info) for row, info in details.items() if info[0]}, num_blocks,
+                                    verifying=verifying)
 
     def _step_logits(self, idx, block_pos, block_step, pending, cache, known_top1, known_stats, mode, fresh):
         """Block logits (b, block, V) for this step, from a verification's leftovers or a model call.
@@ -524,12 +550,12 @@ class Decoder:
         rows = idx[verified]
         per_seq = (built[verified] + 1).cpu()
         if cache is None:
-            logits = self._forward(rows, prompt_len, per_seq, tokens=tokens, cache_rows=idx[owner])
+            logits = self._forward(rows, prompt_len, per_seq, tokens=tokens, cache_rows=idx[owner], verifying=True)
             where_all = torch.arange(gen, device=device)
             blk_rows = logits[torch.arange(owner.shape[0], device=device)[:, None], block_pos[owner]]
         else:
             logits = self._forward(rows, prompt_len, per_seq, tokens=tokens, query_pos=block_pos[owner] + prompt_len,
-                                   cache=cache, cache_rows=idx[owner], read_only=True)
+                                   cache=cache, cache_rows=idx[owner], read_only=True, verifying=True)
             where_all = None
             blk_rows = logits
         top1_rows = blk_rows.argmax(-1)
