@@ -24,7 +24,7 @@ import torch
 from unmask.bench.stats import wilson_interval
 from unmask.decoding import DecodeConfig, generate, parse_strategy
 from unmask.decoding.redundancy import COUNTS, redundancy_counts
-from unmask.errors import UnmaskError
+from unmask.errors import NonFiniteLogitsError, UnmaskError
 
 BACKENDS = ("local", "ray")
 
@@ -184,10 +184,14 @@ def decode_chunk(model, task, policy, chunk: list, *, gen_length: int, block_len
     kept); `events` are the policy's own counters, reported beside R_total.
     """
     key = strategy_key(policy.name, policy.params)
-    result = generate(
-        model, [task.messages(p) for p in chunk], policy,
-        gen_length=gen_length, block_length=block_length, seed=seed, cache=cache, record_trace=True,
-    )
+    try:
+        result = generate(
+            model, [task.messages(p) for p in chunk], policy,
+            gen_length=gen_length, block_length=block_length, seed=seed, cache=cache, record_trace=True,
+        )
+    except NonFiniteLogitsError as exc:  # name the problem, not its row in this chunk
+        raise NonFiniteLogitsError(exc.details, exc.num_blocks, exc.verifying,
+                                   who=f"problem {chunk[exc.row].id} under {key}") from None
     share = result.wall_s / len(chunk)
     policy_share = result.extras.get("policy_s", 0.0) / len(chunk)
     records = []
@@ -281,9 +285,14 @@ def run_bench(cfg: BenchConfig, progress: bool = True, on_row: Callable[[dict], 
         bar = _progress(policy.describe(), len(problems), len(problems) - len(todo), progress)
         for start in range(0, len(todo), cfg.batch_size):
             chunk = todo[start : start + cfg.batch_size]
-            log.add(decode_chunk(
-                model, task, policy, chunk, gen_length=gen_length, block_length=block_length, seed=cfg.seed, cache=cfg.cache,
-            ))
+            try:
+                records = decode_chunk(model, task, policy, chunk, gen_length=gen_length, block_length=block_length,
+                                       seed=cfg.seed, cache=cfg.cache)
+            except NonFiniteLogitsError as exc:
+                held = sum(len(done) for done in log.done.values())
+                raise UnmaskError(f"{exc}; the {held} problem results finished before it are kept in {log.path} "
+                                  "and the same command resumes from them") from None
+            log.add(records)
             _advance(bar, log.done.get(key, {}), len(chunk))
         if bar is not None:
             bar.close()
