@@ -191,7 +191,8 @@ def test_describe_policies_lists_every_policy_with_params_and_defaults():
         # the listed defaults are the defaults a bare strategy name gets
         assert {k: p["default"] for k, p in params.items()} == parse_strategy(name).params
     assert {p["name"]: p["default"] for p in by_name["threshold"]["params"]} == {"temperature": 0.0, "tau": 0.9}
-    assert {p["name"]: p["default"] for p in by_name["factor"]["params"]} == {"temperature": 0.0, "factor": 1.0}
+    assert {p["name"]: p["default"] for p in by_name["factor"]["params"]} == {
+        "temperature": 0.0, "factor": 1.0, "last_goes": False}
     for name in ("low_confidence", "random", "margin", "entropy"):
         assert {p["name"]: p["default"] for p in by_name[name]["params"]} == {
             "temperature": 0.0, "steps": None, "schedule": "auto", "eps": 1e-3, "alg_temp": None}

@@ -204,6 +204,33 @@ def test_factor_count_on_fake_views(conf, masked, f, n):
     assert set(np.flatnonzero(commit.numpy()).tolist()) == set(order[:n])
 
 
+@pytest.mark.parametrize(
+    "conf,masked,n_rule,n_code",
+    [
+        # f = 1, thresholds by rank j: (forced), 1 - 1/3 = .667, 1 - 1/4 = .75, 1 - 1/5 = .8
+        ([0.99, 0.9, 0.5], [True] * 3, 2, 3),  # only the last (.5 < .75) fails: Fast-dLLM's code takes it
+        ([0.99, 0.5, 0.4], [True] * 3, 1, 1),  # the 2nd fails (.5 < .667): both stop at 1
+        ([0.99, 0.9, 0.8, 0.85], [True] * 4, 4, 4),  # sorted .99 .9 .85 .8: all pass
+        ([0.99, 0.9, 0.7, 0.1], [True] * 4, 2, 2),  # 3rd (.7 < .75) fails before the last: no change
+        ([0.99, 0.9, 0.5, 0.99], [True, True, True, False], 2, 3),  # m = 3 masked: the last masked is .5
+        ([0.3], [True], 1, 1),  # one masked position: forced either way
+    ],
+)
+def test_factor_last_goes_is_fast_dllm_code(conf, masked, n_rule, n_code):
+    view = SimpleNamespace(confidence=torch.tensor([conf]), masked=torch.tensor([masked]))
+    assert int(parse_strategy("factor").decide(view, None).commit[0].sum()) == n_rule
+    commit = parse_strategy("factor:last_goes=true").decide(view, None).commit[0]
+    assert int(commit.sum()) == n_code
+    assert not (commit & ~torch.tensor(masked)).any()
+
+
+def test_factor_last_goes_is_a_listed_departure():
+    from unmask.decoding.registry import describe_policies
+
+    entry = {e["name"]: e for e in describe_policies()}["factor"]
+    assert {p["name"]: p.get("departure", False) for p in entry["params"]}["last_goes"] is True
+
+
 @pytest.mark.parametrize("f", [0.25, 1.0, 3.0])
 def test_factor_count_on_random_views(f):
     rng = np.random.default_rng(11)
