@@ -31,6 +31,13 @@ def frontier_rows(rows: list[dict]) -> set[int]:
     return {idx[i] for i in front}
 
 
+def row_line(row: dict) -> str:
+    """One strategy's row on one line, for printing as soon as it is done."""
+    lo, hi = row["accuracy_ci"]
+    return (f"{_label(row):<28} accuracy {row['accuracy']:.3f} ({lo:.3f}-{hi:.3f})  NFE {row['nfe']:6.2f}  "
+            f"TPF {row['tpf']:5.2f}  {row['tokens_per_s']:7.1f} tokens/s  n={row['n']}")
+
+
 def write_markdown(results: dict, path: Path) -> None:
     rows = results["rows"]
     front = frontier_rows(rows)
@@ -58,6 +65,16 @@ def write_markdown(results: dict, path: Path) -> None:
 
 
 def write_pareto(results: dict, path: Path) -> None:
+    """pareto.png: accuracy (with its 95% interval as an error bar) against NFE; labels kept apart."""
+    import matplotlib.pyplot as plt
+
+    fig, _, _ = pareto_figure(results)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def pareto_figure(results: dict):
+    """(figure, axes, label annotations) of the frontier plot, before it is saved."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,28 +82,89 @@ def write_pareto(results: dict, path: Path) -> None:
 
     rows = results["rows"]
     front = frontier_rows(rows)
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    points, labels = [], []
     for i, r in enumerate(rows):
-        if r["strategy"] == BOUND:
-            continue
-        ax.scatter(r["nfe"], r["accuracy"], s=40, color="tab:blue" if i in front else "tab:gray", zorder=3)
-        ax.annotate(_label(r), (r["nfe"], r["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        bound = r["strategy"] == BOUND
+        lo, hi = r["accuracy_ci"]
+        color = "tab:red" if bound else ("tab:blue" if i in front else "tab:gray")
+        ax.errorbar(r["nfe"], r["accuracy"], yerr=[[max(r["accuracy"] - lo, 0.0)], [max(hi - r["accuracy"], 0.0)]],
+                    fmt="*" if bound else "o", ms=11 if bound else 6, color=color, ecolor=color, elinewidth=1,
+                    capsize=3, alpha=0.9, zorder=4 if bound else 3)
+        if bound:
+            ax.axvline(r["nfe"], color="tab:red", ls="--", lw=1, label=f"oracle bound (NFE {r['nfe']:.1f})")
+        points.append((r["nfe"], r["accuracy"]))
+        labels.append("oracle" if bound else _label(r))
     if front:
         pts = sorted((rows[i]["nfe"], rows[i]["accuracy"]) for i in front)
         ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", color="tab:blue", lw=1.2, label="frontier")
-    for r in rows:
-        if r["strategy"] == BOUND:
-            ax.axvline(r["nfe"], color="tab:red", ls="--", lw=1)
-            ax.scatter(r["nfe"], r["accuracy"], marker="*", s=120, color="tab:red", zorder=4,
-                       label=f"oracle bound (NFE {r['nfe']:.1f})")
     ax.set_xscale("log")
     ax.set_xlabel("NFE per problem (model calls, log scale)")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"{results['task']} / {results['split']} — {results['model']}", fontsize=10)
+    ax.set_ylabel("accuracy (bars: 95% interval)")
+    ax.set_ylim(-0.02, 1.05)
+    if points:
+        xs = [p[0] for p in points]
+        ax.set_xlim(min(xs) / 1.6, max(xs) * 1.9)  # room for labels on either side
+    ax.set_title(f"{results['task']} / {results['split']} — {results['model']}, n = {rows[0]['n'] if rows else 0}",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     if front or any(r["strategy"] == BOUND for r in rows):
         ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    return fig, ax, place_labels(ax, points, labels)
+
+
+# offsets (points) tried in turn for a label, nearest first; past the first ring a leader line is drawn
+_RINGS = [(6, 4), (6, -11), (-6, 4), (-6, -11), (6, 13), (-6, 13), (6, -20), (-6, -20)]
+
+
+def place_labels(ax, points: list[tuple[float, float]], labels: list[str]) -> list:
+    """Annotate each point with its label where it overlaps no label placed before it and no marker.
+
+    Greedy: points are taken from the most crowded first; each label tries the offsets of `_RINGS`,
+    then the same offsets scaled 2x, 3x, ... (drawn with a leader line), and keeps the first whose box
+    is clear. Returns the annotations (matplotlib `Annotation`s) in the order of `points`.
+    """
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    disp = [ax.transData.transform(p) for p in points]
+    pad = 3.0  # pixels around a marker that a label must not cover
+    markers = [(x - pad, y - pad, x + pad, y + pad) for x, y in disp]
+    axes_box = ax.get_window_extent(renderer)
+
+    def crowd(i: int) -> float:
+        return sum(1.0 / (1.0 + abs(disp[i][0] - x) + abs(disp[i][1] - y)) for j, (x, y) in enumerate(disp) if j != i)
+
+    placed_boxes: list[tuple[float, float, float, float]] = []
+    out: list = [None] * len(points)
+    for i in sorted(range(len(points)), key=crowd, reverse=True):
+        choice = None
+        for scale in range(1, 12):
+            for dx, dy in _RINGS:
+                ann = ax.annotate(
+                    labels[i], points[i], textcoords="offset points", xytext=(dx * scale, dy * scale), fontsize=7,
+                    ha="left" if dx > 0 else "right", va="bottom" if dy > 0 else "top", zorder=5,
+                    arrowprops=dict(arrowstyle="-", color="0.5", lw=0.6) if scale > 1 else None,
+                )
+                bb = ann.get_window_extent(renderer)
+                box = (bb.x0, bb.y0, bb.x1, bb.y1)
+                inside = axes_box.x0 <= box[0] and box[2] <= axes_box.x1 and axes_box.y0 <= box[1] and box[3] <= axes_box.y1
+                clear = inside and not any(_overlap(box, o) for o in placed_boxes) and not any(
+                    _overlap(box, m) for j, m in enumerate(markers) if j != i)
+                if clear:
+                    choice = (ann, box)
+                    break
+                ann.remove()
+            if choice:
+                break
+        if choice is None:  # nowhere clear: keep the first spot rather than lose the label
+            ann = ax.annotate(labels[i], points[i], textcoords="offset points", xytext=_RINGS[0], fontsize=7, zorder=5)
+            bb = ann.get_window_extent(renderer)
+            choice = (ann, (bb.x0, bb.y0, bb.x1, bb.y1))
+        out[i] = choice[0]
+        placed_boxes.append(choice[1])
+    return out
+
+
+def _overlap(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
