@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="arith", help="arith, trace, gsm8k or humaneval (options as task:key=value)")
     p.add_argument("--split", default="test")
     p.add_argument("--strategy", action="append", dest="strategies", default=None,
-                   help="repeat for each strategy (default: every registered policy at its defaults)")
+                   help="repeat for each strategy (default: the baselines, each seed method, one_shot and the oracle)")
+    p.add_argument("--all", action="store_true", dest="all_strategies",
+                   help="every registered policy at its defaults (instead of the default comparison)")
     p.add_argument("--limit", type=int, default=None, help="number of problems (default: BenchConfig's, 160)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default="runs/bench", help="output folder for results.json, results.md, pareto.png")
@@ -121,24 +123,43 @@ def cmd_generate(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    import time
     from pathlib import Path
 
     from unmask.bench import BenchConfig, run_bench
-    from unmask.bench.runner import default_strategies
+    from unmask.bench.report import row_line
+    from unmask.bench.runner import all_strategies, default_strategies
 
+    if args.strategies and args.all_strategies:
+        raise UnmaskError("pass either --strategy (repeatable) or --all, not both", field="strategy")
+    strategies = args.strategies or (all_strategies() if args.all_strategies else default_strategies())
     cfg = BenchConfig(
         model=args.model, task=args.task, split=args.split,
-        strategies=args.strategies or default_strategies(), seed=args.seed,
+        strategies=strategies, seed=args.seed,
         gen_length=args.gen_length, block_length=args.block_length, batch_size=args.batch_size, out=args.out,
         device=args.device, dtype=args.dtype, cache=args.cache, trust_remote_code=args.trust_remote_code,
         backend=args.backend, address=args.address, skip_unavailable=not args.strategies,
         **({} if args.limit is None else {"limit": args.limit}),  # the default lives in BenchConfig alone
     )
-    run_bench(cfg, progress=not args.quiet)
+    start = time.perf_counter()
+
+    def show(row: dict) -> None:  # each strategy's row as soon as it is done, above the progress bars
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"{row_line(row)}   [{_elapsed(time.perf_counter() - start)} so far]")
+
+    run_bench(cfg, progress=not args.quiet, on_row=show)
     out = Path(args.out)
+    print()
     print((out / "results.md").read_text())
     print(f"results: {out / 'results.json'}   table: {out / 'results.md'}   plot: {out / 'pareto.png'}")
+    print(f"done in {_elapsed(time.perf_counter() - start)}")
     return 0
+
+
+def _elapsed(seconds: float) -> str:
+    minutes, sec = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {sec:02d} s" if minutes else f"{sec} s"
 
 
 COMMANDS = {"strategies": cmd_strategies, "generate": cmd_generate, "bench": cmd_bench}

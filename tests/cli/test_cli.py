@@ -75,3 +75,40 @@ def test_bench_cli_writes_results_and_says_where(tiny_checkpoint, tmp_path, caps
     assert str(out / "pareto.png") in printed
     data = json.loads((out / "results.json").read_text())
     assert [r["strategy"] for r in data["rows"]] == ["one_shot", "threshold"]
+
+
+def test_bench_prints_each_row_as_it_is_done_then_the_table(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["bench", "--model", tiny_checkpoint, "--limit", "2", "--strategy", "one_shot", "--strategy", "threshold",
+                 "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    lines = printed.splitlines()
+    first_table_line = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    done = [i for i, line in enumerate(lines) if "so far]" in line]
+    assert len(done) == 2 and max(done) < first_table_line  # both rows came out before the table
+    assert lines[done[0]].startswith("one_shot ") and lines[done[1]].startswith("threshold ")
+    assert "accuracy " in lines[done[0]] and "NFE " in lines[done[0]]
+    assert lines[-1].startswith("done in ")
+
+
+def test_bench_default_is_the_main_comparison_and_all_is_every_policy(tiny_checkpoint, tmp_path, capsys):
+    from unmask.bench.runner import MAIN_STRATEGIES
+    from unmask.decoding import policy_names
+
+    assert main(["bench", "--model", tiny_checkpoint, "--limit", "2", "--out", str(tmp_path / "main"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads((tmp_path / "main" / "results.json").read_text())["rows"]
+    # the tiny checkpoint has no trained TSPD controller: that one strategy is skipped with a note
+    assert "skipping tspd:ce=true" in printed
+    assert [r["strategy"] for r in rows] == [s.split(":")[0] for s in MAIN_STRATEGIES if not s.startswith("tspd")]
+    assert main(["bench", "--model", tiny_checkpoint, "--limit", "1", "--all", "--out", str(tmp_path / "all"),
+                 "--quiet"]) == 0
+    rows = json.loads((tmp_path / "all" / "results.json").read_text())["rows"]
+    assert [r["strategy"] for r in rows] == [n for n in policy_names() if n != "tspd"]
+
+
+def test_bench_all_and_strategy_together_is_refused(tiny_checkpoint, capsys):
+    with pytest.raises(SystemExit) as exc:
+        sys.exit(main(["bench", "--model", tiny_checkpoint, "--all", "--strategy", "threshold"]))
+    assert exc.value.code == 2
+    assert "--all" in capsys.readouterr().err

@@ -29,8 +29,19 @@ from unmask.errors import NonFiniteLogitsError, UnmaskError
 BACKENDS = ("local", "ray")
 
 
+# The main job's comparison: what a newcomer needs first. LLaDA's and Fast-dLLM's baselines, each
+# seed method at its paper's setting (TSPD with its Confidence Extrapolation, as the paper pairs
+# them), the one-call floor and the oracle bound. `unmask bench --all` runs every registered policy.
+MAIN_STRATEGIES = ("low_confidence", "threshold", "r2", "tspd:ce=true", "psd", "one_shot", "oracle")
+
+
 def default_strategies() -> list[str]:
-    """Every registered policy at its defaults (the main job's comparison)."""
+    """The main job's comparison (`MAIN_STRATEGIES`)."""
+    return list(MAIN_STRATEGIES)
+
+
+def all_strategies() -> list[str]:
+    """Every registered policy at its defaults (`unmask bench --all`)."""
     from unmask.decoding import policy_names
 
     return list(policy_names())
