@@ -94,6 +94,38 @@ def test_missing_tensor(ckpt, kind):
     expect_error(path, f"lacks tensor\\(s\\) {name}")
 
 
+@pytest.mark.parametrize("kind", ["single", "dream"])
+def test_tensors_the_network_has_no_place_for(ckpt, kind):
+    """q/k norms (say) in a checkpoint whose config does not declare them: refused, never dropped in silence."""
+    path = ckpt(kind)
+    state = load_file(str(path / "model.safetensors"))
+    prefix = "model.transformer.blocks.0." if kind == "single" else "model.layers.0.self_attn."
+    extra = [prefix + "k_norm.weight", prefix + "q_norm.weight"]
+    for name in extra:
+        state[name] = torch.ones(8)
+    save_file(state, str(path / "model.safetensors"))
+    arch = "llada" if kind == "single" else "dream"
+    expect_error(path, f"has tensor\\(s\\) {extra[0]}, {extra[1]} that the native {arch} network of this config has no place for")
+
+
+def test_extra_tensors_in_a_shard_are_counted(ckpt):
+    path = ckpt("sharded")
+    names = [f"model.transformer.blocks.0.extra_{i}.weight" for i in range(5)]
+    save_file({name: torch.zeros(2) for name in names}, str(path / "model-extra.safetensors"))
+    index = json.loads((path / INDEX_FILE).read_text())
+    index["weight_map"].update({name: "model-extra.safetensors" for name in names})
+    (path / INDEX_FILE).write_text(json.dumps(index))
+    expect_error(path, f"has tensor\\(s\\) {names[0]}, {names[1]}, {names[2]} and 2 more that the native llada network")
+
+
+def test_output_head_in_a_tied_checkpoint_is_refused(ckpt):
+    """weight_tying=true computes logits from the embedding; a separate ff_out would be ignored."""
+    path = ckpt()
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "weight_tying": True}))
+    expect_error(path, "has tensor\\(s\\) model.transformer.ff_out.weight that the native llada network")
+
+
 def test_tensor_with_wrong_shape(ckpt):
     path = ckpt()
     state = load_file(str(path / "model.safetensors"))

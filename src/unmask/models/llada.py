@@ -7,6 +7,7 @@ name with no conversion step, and so do checkpoints written by `unmask train`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -15,6 +16,52 @@ from torch import nn
 
 from unmask.errors import UnmaskError
 from unmask.models.layers import RMSNorm, SelfAttention, rope_cos_sin
+
+
+# Settings of LLaDA's config.json (its configuration_llada.py) that change the forward pass, with the one
+# value the native network implements and what another value would do. A key that is absent counts as
+# the implemented value; unmask's own checkpoints write every one of them. Loading a checkpoint with another
+# value would give logits that differ from the checkpoint's own code, so the loader refuses it instead.
+# Keys that do not change inference (dropouts, flash_attention, init_*, precision, rope_full_precision,
+# which only sets RoPE's precision) are accepted at any value; so is attention_layer_norm_with_affine,
+# which matters only when attention_layer_norm is on.
+UNIMPLEMENTED = {
+    "block_type": ("llama", "another transformer block layout"),
+    "activation_type": ("silu", "another MLP activation"),
+    "layer_norm_type": ("rms", "another normalisation than RMSNorm"),
+    "layer_norm_with_affine": (True, "norms without a learned scale"),
+    "bias_for_layer_norm": (False, "biases in the norms"),
+    "include_bias": (False, "biases in every linear layer"),
+    "attention_layer_norm": (False, "q/k norms (q_norm, k_norm) in attention"),
+    "input_emb_norm": (False, "embeddings scaled by sqrt(d_model)"),
+    "scale_logits": (False, "logits scaled by 1/sqrt(d_model)"),
+    "rope": (True, "no rotary embeddings (a learned position table instead)"),
+    "alibi": (False, "ALiBi attention biases"),
+    "block_group_size": (1, "blocks stored under block_groups.N"),
+    # not keys of LLaDA's own config, but of its relatives (OLMo, Llama): refused rather than ignored
+    "clip_qkv": (None, "q/k/v clipped to a range"),
+    "rope_scaling": (None, "scaled rotary embeddings"),
+}
+NULL_MEANS_DEFAULT = ("bias_for_layer_norm",)  # null inherits include_bias, itself required to be false
+
+
+def _json(value) -> str:
+    return json.dumps(value)
+
+
+def _refuse_unimplemented(raw: dict, source: str) -> None:
+    for key, (supported, effect) in UNIMPLEMENTED.items():
+        if key not in raw:
+            continue
+        value = raw[key]
+        if value == supported or (value is None and key in NULL_MEANS_DEFAULT):
+            continue
+        if key == "rope_scaling" and isinstance(value, dict) and (value.get("rope_type") or value.get("type")) == "default":
+            continue
+        raise UnmaskError(
+            f"{source}: {key}={_json(value)} ({effect}) is not implemented by the native LLaDA network, "
+            f"which supports only {key}={_json(supported)}; refusing rather than computing wrong logits"
+        )
 
 
 @dataclass
@@ -45,17 +92,29 @@ class LLaDAConfig:
         missing = [key for key in cls.REQUIRED if key not in raw]
         if missing:
             raise UnmaskError(f"{source} lacks the LLaDA key(s) {', '.join(missing)}; is this a LLaDA checkpoint?")
+        _refuse_unimplemented(raw, source)
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in raw.items() if k in known}
         if raw.get("mlp_hidden_size") is None:
             values["mlp_hidden_size"] = int(raw.get("mlp_ratio", 4)) * int(raw["d_model"])
         if values.get("mask_token_id") is None:
             values.pop("mask_token_id", None)
+        mqa = raw.get("multi_query_attention")
+        if mqa is not None:  # LLaDA's older switch for one KV head; n_kv_heads, when set, must agree with it
+            implied = 1 if mqa else int(raw["n_heads"])
+            if raw.get("n_kv_heads") is None:
+                values["n_kv_heads"] = implied
+            elif raw["n_kv_heads"] != implied:
+                raise UnmaskError(
+                    f"{source}: multi_query_attention={_json(mqa)} implies n_kv_heads={implied} but n_kv_heads is {raw['n_kv_heads']}; drop one of the two"
+                )
         cfg = cls(**values)
         if cfg.d_model % cfg.n_heads:
             raise UnmaskError(f"{source}: d_model {cfg.d_model} is not divisible by n_heads {cfg.n_heads}")
-        if cfg.include_bias:
-            raise UnmaskError(f"{source}: include_bias=true is not a LLaDA layout unmask supports")
+        if cfg.n_heads % cfg.kv_heads:
+            raise UnmaskError(f"{source}: n_heads {cfg.n_heads} is not a multiple of n_kv_heads {cfg.kv_heads}")
+        if cfg.embedding_size is not None and cfg.embedding_size < cfg.vocab_size:
+            raise UnmaskError(f"{source}: embedding_size {cfg.embedding_size} is smaller than vocab_size {cfg.vocab_size}")
         return cfg
 
     @property
@@ -74,6 +133,10 @@ class LLaDAConfig:
             architectures=["LLaDAModelLM"],
             block_type="llama",
             layer_norm_type="rms",
+            layer_norm_with_affine=True,
+            bias_for_layer_norm=False,
+            attention_layer_norm=False,
+            block_group_size=1,
             activation_type="silu",
             rope=True,
             alibi=False,

@@ -205,12 +205,19 @@ def load_model(
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise UnmaskError(f"checkpoint {path} lacks tensor(s) {shown} that a {arch.name} model of this config needs")
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:  # weights the network would silently ignore mean it is not the network they were trained in
+        shown = ", ".join(unexpected[:3]) + (f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else "")
+        raise UnmaskError(
+            f"checkpoint {path} has tensor(s) {shown} that the native {arch.name} network of this config has no place for; "
+            "it does not implement the layer they belong to, so it refuses rather than ignore them"
+        )
     for name, tensor in expected.items():
         if tuple(state[name].shape) != tuple(tensor.shape):
             raise UnmaskError(
                 f"tensor {name} in {path} has shape {tuple(state[name].shape)} but config.json implies {tuple(tensor.shape)}"
             )
-    state = {k: v.to(dtype=dt) if v.is_floating_point() else v for k, v in state.items() if k in expected}
+    state = {k: v.to(dtype=dt) if v.is_floating_point() else v for k, v in state.items()}
     network.load_state_dict(state, assign=True, strict=True)
     network.to(dev).eval()
     tokenizer = Tokenizer.from_dir(path, trust_remote_code=trust_remote_code)
