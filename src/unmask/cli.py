@@ -1,6 +1,7 @@
 """The `unmask` command line: strategies, generate, bench, train.
 
-Every user error ends in one line on stderr and exit code 2 (DESIGN.md), never a traceback.
+Every user error ends in one line on stderr and exit code 2 (docs/concepts.md, "Bad input"), never a
+traceback.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from unmask.errors import UnmaskError
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with DESIGN.md's error contract: one line on stderr, exit code 2."""
+    """argparse with the error contract of docs/concepts.md ("Bad input"): one line on stderr, exit code 2."""
 
     def error(self, message: str):  # type: ignore[override]
         sys.stderr.write(f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")

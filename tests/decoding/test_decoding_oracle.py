@@ -1,4 +1,4 @@
-"""The oracle bound (DESIGN.md, "oracle TPF").
+"""The oracle bound (docs/measurements.md, "oracle TPF").
 
 Reference decode: low_confidence, one token per step, greedy -> y*. The oracle then commits, at
 every step, every masked block position whose current argmax is already y*_i (at least one, forced

@@ -1,4 +1,5 @@
-"""The stop rule and the accounting (DESIGN.md: EOS, NFE, rows, TPF, useful tokens).
+"""The stop rule and the accounting (docs/concepts.md: the stop rule; docs/measurements.md: NFE, rows,
+TPF, useful tokens).
 
 A scripted model fixes what every generation position predicts and how confident it is, so the
 step at which each block completes, and whether the stop rule may fire, are known in advance.

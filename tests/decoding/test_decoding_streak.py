@@ -1,6 +1,6 @@
 """The stability streak (`view.stable`): calls of the current block that recomputed a position and
 found the same top-1. A block's first call starts every streak at 1; a cached call that left a
-position out does not extend its streak (DESIGN: stability streak)."""
+position out does not extend its streak (docs/methods.md: stability streak)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What the loop hands a policy: the StepView's statistics agree with its logits (DESIGN: confidence
+"""What the loop hands a policy: the StepView's statistics agree with its logits (docs/concepts.md: confidence
 is the un-noised probability of the candidate, also when sampling), and random choices come from
 each sequence's own generator.
 """

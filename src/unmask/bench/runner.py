@@ -1,6 +1,6 @@
 """`unmask bench`: every strategy on the same problems, accuracy against model calls and seconds.
 
-Results follow DESIGN.md's contract (`results.json`, `results.md`, `pareto.png`). Each finished
+Results follow docs/results.md (`results.json`, `results.md`, `pareto.png`). Each finished
 problem is appended to `problems.jsonl` in the output folder as soon as its batch is decoded, so an
 interrupted run resumes where it stopped: finished (strategy, problem) pairs are never recomputed
 or counted twice, and `results.json` is rebuilt from them.
@@ -265,7 +265,7 @@ def run_header(cfg: BenchConfig, model_name: str, gen_length: int, block_length:
 
 
 def results_of(cfg: BenchConfig, header: dict, device: str, rows: list[dict]) -> dict[str, Any]:
-    """results.json's content (DESIGN.md's contract) from the per-strategy rows."""
+    """results.json's content (the contract in docs/results.md) from the per-strategy rows."""
     return {
         "model": header["model"], "task": cfg.task, "split": cfg.split, "device": device,
         "limit": cfg.limit, "seed": cfg.seed, "gen_length": header["gen_length"], "block_length": header["block_length"],

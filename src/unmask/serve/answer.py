@@ -3,7 +3,7 @@
 The same rules run for streamed and non-streamed requests, block by block as the decode commits
 them, so the concatenated stream is exactly the non-streamed text (same request, same seed):
 
-- the answer is the tokens before the first stop token (DESIGN.md: EOS);
+- the answer is the tokens before the first stop token (docs/concepts.md: stop tokens);
 - `max_tokens` truncates the answer to that many tokens (it limits the answer, not the canvas);
 - a `stop` string cuts the text at its first occurrence;
 - while the answer may still grow, the text that could turn out to be the start of a stop string

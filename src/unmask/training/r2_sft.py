@@ -5,7 +5,7 @@ those with a correct answer, and of those the one with the lowest redundancy sco
 fine-tune on the selected (prompt, response) pairs, so the model learns trajectories with fewer
 redundant steps. The paper plots loss, R_total, NFE and accuracy over fine-tuning (its Figure 6).
 
-What the reference code does (GATECH-EIC/R2-dLLM, `/work/shared/REFERENCES.md`): self-generated
+What the reference code does (the public repository GATECH-EIC/R2-dLLM): self-generated
 responses ranked by a redundancy score, the least redundant correct one kept, and block-32
 masked-diffusion fine-tuning (block 32 is its decode's block length).
 

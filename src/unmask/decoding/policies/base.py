@@ -22,7 +22,7 @@ class PolicyConfig:
     """Settings every policy has. Subclasses add their own fields, each with a default."""
 
     # Gumbel-noise sampling temperature for the candidate token (0 = greedy argmax). Confidence is
-    # still read from the un-noised distribution (DESIGN.md).
+    # still read from the un-noised distribution (docs/concepts.md: confidence).
     temperature: float = 0.0
 
     def validate(self) -> None:
@@ -43,7 +43,7 @@ class StepView:
     positions: torch.Tensor  # (batch, block) generation-region index of each block position
     tokens: torch.Tensor  # (batch, block) current tokens (mask_id where masked)
     masked: torch.Tensor  # (batch, block) bool
-    logits: torch.Tensor  # (batch, block, vocab) raw model logits, float32
+    logits: torch.Tensor  # (batch, block, vocab) model logits, float32, the mask token's set to -inf
     top1: torch.Tensor  # (batch, block) argmax of the un-noised distribution
     top1_prob: torch.Tensor  # (batch, block)
     candidate: torch.Tensor  # (batch, block) token to commit (= top1 unless sampling)

@@ -12,11 +12,11 @@ class LowConfidence(ScheduledPolicy):
     `alg='maskgit_plus'` (Ye et al., 2025, `diffusion_generate`; k = int(m (1 - s / t)) on the grid
     linspace(1, eps, steps + 1), positions sampled from softmax(confidence / alg_temp) when alg_temp
     > 0). schedule=auto (the default) is dream for a Dream checkpoint, llada otherwise.
-    Departures: softmax in float32, not float64 (DESIGN.md); ties break towards the left position;
-    with temperature > 0 the confidence is the un-noised probability of the sampled candidate (Dream
-    reads it from the tempered, top-p/top-k filtered distribution). Dream decodes the whole
-    generation as one block: its own setting is schedule=dream with block_length = gen_length, and
-    smaller blocks run Dream's rule inside each block with its share of the steps.
+    Departures: softmax in float32, not float64 (docs/concepts.md: confidence); ties break towards
+    the left position; with temperature > 0 the confidence is the un-noised probability of the
+    sampled candidate (Dream reads it from the tempered, top-p/top-k filtered distribution). Dream
+    decodes the whole generation as one block: its own setting is schedule=dream with block_length =
+    gen_length, and smaller blocks run Dream's rule inside each block with its share of the steps.
     """
 
     name = "low_confidence"

@@ -6,7 +6,7 @@ from unmask.decoding.registry import register_policy
 
 @register_policy
 class Oracle(Policy):
-    """The oracle bound (DESIGN.md): how far a policy that trusts argmax predictions could go.
+    """The oracle bound (docs/measurements.md): how far a policy that trusts argmax predictions could go.
 
     `prepare` runs the reference decode (low_confidence, one token per step, greedy) to get y*.
     Each step then commits every masked position of the block whose current argmax already equals
@@ -26,7 +26,7 @@ class Oracle(Policy):
         from unmask.decoding.policies.low_confidence import LowConfidence
         from unmask.decoding.policies.schedule import ScheduledConfig
 
-        # one token per step on every model (DESIGN: the reference decode), Dream's included
+        # one token per step on every model (docs/measurements.md: the reference decode), Dream's included
         reference = Decoder(model, LowConfidence(ScheduledConfig(schedule="llada")), decode_config).run(prompts)
         self._targets = torch.tensor([s.tokens for s in reference.sequences], device=model.device)
 

@@ -20,7 +20,7 @@ class Threshold(Policy):
     """Fast-dLLM's threshold rule: commit every masked position with confidence >= tau.
 
     From Fast-dLLM (Wu et al., 2025), confidence-aware parallel decoding. If no position qualifies,
-    the single most confident one is committed (DESIGN.md), so every step makes progress.
+    the single most confident one is committed (docs/concepts.md, "Commit"), so every step makes progress.
     """
 
     name = "threshold"
