@@ -3,8 +3,11 @@
 Routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`.
 A request is parsed (`protocol`), validated and tokenised by the engine in a worker thread, queued,
 and answered from the events the engine's decode thread sends back; the event loop never runs a
-model call. Every refusal is OpenAI's error object with a 4xx status (429 when the queue is full);
-a client that disconnects cancels its decode.
+model call. Every refusal is OpenAI's error object with a 4xx status (429 when the queue is full,
+413 for a body over `max_body_bytes`, judged on Content-Length and on the bytes read); a decode
+that fails answers 500 (NaN logits, a bug) in the same shape, and a request the engine can no
+longer take (shutting down) 503. Once a stream has started, a failure arrives as a last
+`data: {"error": {...}}` event before `data: [DONE]`. A client that disconnects cancels its decode.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from starlette.responses import Response, StreamingResponse
 
 from unmask.errors import UnmaskError
 from unmask.serve.engine import Engine, EngineStopped, Event, QueueFull
-from unmask.serve.protocol import (ApiError, ParsedRequest, chunk, completion_response, error_body, merge_stats,
-                                   merge_usage, new_id, parse_chat, parse_completion, parse_json, sse)
+from unmask.serve.protocol import (DEFAULT_MAX_BODY_BYTES, ApiError, ParsedRequest, chunk, completion_response,
+                                   error_body, merge_stats, merge_usage, new_id, parse_chat, parse_completion,
+                                   parse_json, sse)
 
 log = logging.getLogger("unmask.serve")
 
@@ -38,6 +42,24 @@ def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None
 def _error(exc: ApiError):
     headers = {"Retry-After": "1"} if exc.status == 429 else None
     return _json(exc.body(), exc.status, headers)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with a 413 past `limit` bytes: on its Content-Length before any of
+    it is read, and on the bytes actually read (a chunked body declares no length)."""
+    too_large = ApiError(f"the request body is larger than this server's limit of {limit} bytes; send a smaller "
+                         "request (the server's operator sets the limit with unmask serve --max-body-bytes)",
+                         status=413, code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.strip().isdigit() and int(declared) > limit:
+        raise too_large
+    parts, total = [], 0
+    async for part in request.stream():
+        total += len(part)
+        if total > limit:
+            raise too_large
+        parts.append(part)
+    return b"".join(parts)
 
 
 class _Channel:
@@ -54,8 +76,13 @@ class _Channel:
         return await self.queue.get()
 
 
-def create_app(engine: Engine, model_name: str | None = None):
-    """The FastAPI app serving `engine`'s model under `model_name` (default: the model's name)."""
+def create_app(engine: Engine, model_name: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+    """The FastAPI app serving `engine`'s model under `model_name` (default: the model's name).
+
+    Request bodies over `max_body_bytes` get a 413.
+    """
+    if max_body_bytes < 1:
+        raise UnmaskError(f"max_body_bytes must be at least 1, got {max_body_bytes}", field="max_body_bytes")
     served = model_name or engine.model.name
     created = int(time.time())
 
@@ -100,7 +127,7 @@ def create_app(engine: Engine, model_name: str | None = None):
 
     async def handle(request: Request, chat: bool):
         try:
-            body = parse_json(await request.body())
+            body = parse_json(await _read_body(request, max_body_bytes))
             parsed = parse_chat(body, served) if chat else parse_completion(body, served)
             jobs = await asyncio.to_thread(lambda: [engine.prepare(g) for g in parsed.generations])
             for index, job in enumerate(jobs):
@@ -167,6 +194,7 @@ def create_app(engine: Engine, model_name: str | None = None):
         """
         chat, stamp = parsed.chat, int(time.time())
         finished: dict[int, Event] = {}
+        failed = False
         try:
             if chat:
                 for job in jobs:
@@ -180,11 +208,12 @@ def create_app(engine: Engine, model_name: str | None = None):
                     yield sse(chunk(rid, served, chat, event.index, finish_reason=event.finish_reason, created=stamp))
                 elif event.kind == "cancelled":
                     finished[event.index] = event
-                elif event.kind == "error":
+                elif event.kind == "error":  # the status line is sent: the error is the last event
                     kind = "server_error" if event.status >= 500 else "invalid_request_error"
                     yield sse(error_body(event.message, event.param, kind))
+                    failed = True
                     break
-            if parsed.include_usage and finished:
+            if parsed.include_usage and finished and not failed:
                 events = [e for e in finished.values() if e.kind == "done"]
                 final = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                          "created": stamp, "model": served, "choices": [], "usage": merge_usage(events),

@@ -20,6 +20,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: the model's name)")
     p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together in one batch")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before the server answers 429")
+    p.add_argument("--max-body-bytes", type=int, default=2**20,
+                   help="largest request body accepted, in bytes; larger ones get HTTP 413 (default 1 MiB)")
     p.add_argument("--cache", default="none", choices=("none", "prefix", "dual"), help="KV cache mode")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return p
@@ -35,6 +37,8 @@ def run_serve(args) -> int:
         raise UnmaskError(f"--port must be between 0 and 65535, got {args.port}", field="port")
     if args.max_batch_size < 1 or args.max_queue < 0:
         raise UnmaskError("--max-batch-size must be at least 1 and --max-queue at least 0", field="max_batch_size")
+    if args.max_body_bytes < 1:
+        raise UnmaskError(f"--max-body-bytes must be at least 1, got {args.max_body_bytes}", field="max_body_bytes")
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
@@ -49,7 +53,8 @@ def run_serve(args) -> int:
         sys.stderr.write(f"unmask serve: warning: binding {args.host} exposes the server, which has no "
                          "authentication, beyond this machine\n")
     print(f"unmask serve: {name} on http://{args.host}:{args.port}/v1 (default strategy {args.strategy})", flush=True)
-    run_server(engine, args.host, args.port, model_name=name, log_level=args.log_level)
+    run_server(engine, args.host, args.port, model_name=name, log_level=args.log_level,
+               max_body_bytes=args.max_body_bytes)
     return 0
 
 

@@ -10,7 +10,10 @@ context), queued in a bounded queue, and decoded by one worker thread with the o
 Batching decisions live in one place, `take_batch`: the worker takes the oldest waiting request and
 every other waiting request that can share its `generate` call (same strategy, params, gen/block
 length, seed and cache mode), up to `max_batch_size`. A batch runs to completion; requests that
-arrive meanwhile wait for the next one (no per-step continuous batching).
+arrive meanwhile wait for the next one (no per-step continuous batching). A decode that raises fails
+every request of its batch with an "error" event (status 500 for NaN logits or a bug, with the
+error's text; 400 for an `UnmaskError`) and the worker goes on with the next batch; jobs still
+queued when the engine stops get a 503.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from unmask.errors import UnmaskError
+from unmask.errors import NonFiniteLogitsError, UnmaskError
 from unmask.serve.answer import AnswerTracker
 
 log = logging.getLogger("unmask.serve")
@@ -350,6 +353,20 @@ class Engine:
                 gen_length=key.gen_length, block_length=key.block_length, seed=key.seed, cache=key.cache,
                 on_block=on_block, cancelled=cancelled,
             )
+        except NonFiniteLogitsError as exc:  # the model is at fault, not the request: a 500
+            log.error("decode stopped: %s", exc)
+            # the affected jobs first: a request holding several prompts reports its own fault
+            for row in sorted(range(len(batch)), key=lambda r: r not in exc.details):
+                job = batch[row]
+                self.stats["failed"] += 1
+                if row in exc.details:
+                    message = exc.describe("this request" if job.index == 0 else f"prompt {job.index} of this request",
+                                           row=row)
+                else:
+                    message = ("this request's decode was stopped because another prompt in its batch failed; "
+                               f"retry it ({exc.describe('that prompt')})")
+                self._emit(job, Event("error", status=500, message=message))
+            return
         except UnmaskError as exc:
             for job in batch:
                 self.stats["failed"] += 1
@@ -357,9 +374,11 @@ class Engine:
             return
         except Exception as exc:  # a bug must fail its requests, never the worker
             log.exception("decode failed")
+            detail = " ".join(str(exc).split())[:300]
+            message = f"internal error during decoding: {type(exc).__name__}" + (f": {detail}" if detail else "")
             for job in batch:
                 self.stats["failed"] += 1
-                self._emit(job, Event("error", status=500, message=f"internal error during decoding: {type(exc).__name__}"))
+                self._emit(job, Event("error", status=500, message=message))
             return
         for job, seq in zip(batch, result.sequences):
             if job.cancelled:

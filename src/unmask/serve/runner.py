@@ -13,6 +13,7 @@ from typing import Iterator
 
 from unmask.errors import UnmaskError
 from unmask.serve.engine import Engine, EngineConfig
+from unmask.serve.protocol import DEFAULT_MAX_BODY_BYTES
 
 
 def build_engine(model, strategy: str = "low_confidence", max_batch_size: int = 8, max_queue: int = 256,
@@ -22,13 +23,13 @@ def build_engine(model, strategy: str = "low_confidence", max_batch_size: int = 
 
 @contextmanager
 def serve_in_thread(engine: Engine, host: str = "127.0.0.1", port: int = 0, model_name: str | None = None,
-                    timeout: float = 30.0) -> Iterator[str]:
+                    timeout: float = 30.0, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Iterator[str]:
     """Serve `engine` on a background thread; yields `http://host:port`. Stops the server on exit."""
     import uvicorn
 
     from unmask.serve.app import create_app
 
-    config = uvicorn.Config(create_app(engine, model_name), host=host, port=port, log_level="warning",
+    config = uvicorn.Config(create_app(engine, model_name, max_body_bytes), host=host, port=port, log_level="warning",
                             lifespan="on", timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="unmask-uvicorn", daemon=True)
@@ -46,10 +47,12 @@ def serve_in_thread(engine: Engine, host: str = "127.0.0.1", port: int = 0, mode
         thread.join(timeout)
 
 
-def run_server(engine: Engine, host: str, port: int, model_name: str | None = None, log_level: str = "info") -> None:
+def run_server(engine: Engine, host: str, port: int, model_name: str | None = None, log_level: str = "info",
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
     """Serve in the foreground until interrupted."""
     import uvicorn
 
     from unmask.serve.app import create_app
 
-    uvicorn.run(create_app(engine, model_name), host=host, port=port, log_level=log_level, lifespan="on")
+    uvicorn.run(create_app(engine, model_name, max_body_bytes), host=host, port=port, log_level=log_level,
+                lifespan="on")
