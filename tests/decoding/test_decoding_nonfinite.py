@@ -168,7 +168,6 @@ def test_the_error_survives_pickling():
 
 def test_generate_on_the_cli_prints_one_line_and_exits_2(tmp_path, capsys):
     """A checkpoint whose output head is NaN: `unmask generate` says so in one line, exit code 2."""
-    import json
     import sys
 
     from safetensors.torch import load_file, save_file
@@ -184,7 +183,6 @@ def test_generate_on_the_cli_prints_one_line_and_exits_2(tmp_path, capsys):
     assert head, sorted(weights)
     weights[head[0]][:] = NAN
     save_file(weights, files[0], metadata={"format": "pt"})
-    json.loads((folder / "config.json").read_text())  # the folder is otherwise intact
     with pytest.raises(SystemExit) as exc:
         sys.exit(main(["generate", "what is 3 plus 4 ?", "--model", str(folder), "--strategy", "low_confidence"]))
     assert exc.value.code == 2
