@@ -1,19 +1,22 @@
-"""GSM8K: the shared test file, lm-eval's prompt and both of its answer filters."""
+"""GSM8K: the packaged test file, lm-eval's prompt and both of its answer filters."""
 
-import importlib.util
 import json
+import sys
 
 import pytest
 
 from unmask.errors import UnmaskError
 from unmask.tasks import get_task
-from unmask.tasks.gsm8k import find_default_data, flexible_extract, strict_extract
-
-needs_data = pytest.mark.skipif(find_default_data() is None, reason="shared/data/gsm8k/test.jsonl not found")
+from unmask.tasks.gsm8k import PACKAGED_DATA, find_default_data, flexible_extract, strict_extract
 
 
-@needs_data
-def test_reads_all_problems_of_the_shared_file():
+@pytest.fixture(autouse=True)
+def packaged_data_by_default(monkeypatch):
+    """Every test reads the shipped file unless it says otherwise."""
+    monkeypatch.delenv("UNMASK_GSM8K", raising=False)
+
+
+def test_reads_all_problems_of_the_packaged_file():
     problems = get_task("gsm8k").problems()
     assert len(problems) == 1319
     assert problems[0].answer == "18"
@@ -22,7 +25,6 @@ def test_reads_all_problems_of_the_shared_file():
     assert problems[0].meta["prompt"] == f"Question: {problems[0].question}\nAnswer:"
 
 
-@needs_data
 def test_limit_and_seed_pick_a_subset():
     task = get_task("gsm8k")
     a, b = task.problems(limit=20, seed=0), task.problems(limit=20, seed=1)
@@ -30,7 +32,6 @@ def test_limit_and_seed_pick_a_subset():
     assert [p.id for p in a] == [p.id for p in task.problems(limit=20, seed=0)]
 
 
-@needs_data
 @pytest.mark.parametrize(
     "completion",
     [
@@ -46,7 +47,6 @@ def test_correct_completions_score_one_with_both_filters(completion):
     assert get_task("gsm8k", strict=True).score(problem, completion) == 1.0
 
 
-@needs_data
 @pytest.mark.parametrize("completion", ["She makes $18 every day.", "9 * 2 = 18", "Total: $18."])
 def test_flexible_reads_the_last_number_where_strict_needs_the_marker(completion):
     problem = get_task("gsm8k").problems()[0]
@@ -54,7 +54,6 @@ def test_flexible_reads_the_last_number_where_strict_needs_the_marker(completion
     assert get_task("gsm8k", strict=True).score(problem, completion) == 0.0
 
 
-@needs_data
 @pytest.mark.parametrize(
     "completion",
     [
@@ -102,19 +101,34 @@ def test_fewshot_examples_become_previous_turns(tmp_path):
     assert get_task("gsm8k", path=str(path)).messages(problem) == [{"role": "user", "content": "What is 2 + 3?"}]
 
 
-def test_data_is_found_through_the_env_var_and_beside_a_clone(tmp_path, monkeypatch):
-    data = tmp_path / "shared" / "data" / "gsm8k"
-    data.mkdir(parents=True)
-    (data / "test.jsonl").write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n")
-    clone = tmp_path / "clone" / "sub"
-    clone.mkdir(parents=True)
-    monkeypatch.delenv("UNMASK_GSM8K", raising=False)
-    monkeypatch.chdir(clone)
-    assert find_default_data() == data / "test.jsonl"
+def test_default_is_the_packaged_test_split_without_any_env_var(tmp_path, monkeypatch):
+    """A bare clone or a wheel install: no `shared/` folder anywhere, no UNMASK_GSM8K."""
+    monkeypatch.chdir(tmp_path)  # nothing above the working directory is looked at
+    assert find_default_data() == PACKAGED_DATA
+    assert PACKAGED_DATA.parts[-4:] == ("tasks", "data", "gsm8k", "test.jsonl")
+    assert PACKAGED_DATA.with_name("LICENSE").read_text().startswith("MIT License")
+    lines = [line for line in PACKAGED_DATA.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert len(lines) == 1319
+    problems = get_task("gsm8k").problems()
+    assert len(problems) == len(lines) == 1319
+    assert problems[-1].question == json.loads(lines[-1])["question"]
+
+
+def test_path_and_the_env_var_replace_the_packaged_file(tmp_path, monkeypatch):
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n" + json.dumps({"question": "r", "answer": "#### 2"}) + "\n")
+    assert [p.answer for p in get_task("gsm8k", path=str(mine)).problems()] == ["1", "2"]
+    assert [p.answer for p in get_task(f"gsm8k:path={mine}").problems()] == ["1", "2"]
     other = tmp_path / "other.jsonl"
     other.write_text(json.dumps({"question": "q2", "answer": "#### 2"}) + "\n")
     monkeypatch.setenv("UNMASK_GSM8K", str(other))
+    assert find_default_data() == other
     assert [p.answer for p in get_task("gsm8k").problems()] == ["2"]
+    assert [p.answer for p in get_task("gsm8k", path=str(mine)).problems()] == ["1", "2"]  # path= wins
+    assert get_task("gsm8k").records() == [{"question": "q2", "answer": "#### 2"}]
+    monkeypatch.setenv("UNMASK_GSM8K", str(tmp_path / "missing.jsonl"))
+    with pytest.raises(UnmaskError, match="UNMASK_GSM8K=.*is not a file"):
+        get_task("gsm8k").problems()
 
 
 def test_user_errors(tmp_path):
@@ -130,7 +144,7 @@ def test_user_errors(tmp_path):
         get_task("gsm8k", fewshot=99)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets is installed")
-def test_hub_id_without_datasets_asks_for_a_local_file():
+def test_hub_id_without_datasets_asks_for_a_local_file(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if it were not installed
     with pytest.raises(UnmaskError, match="local GSM8K jsonl"):
         get_task("gsm8k", path="openai/gsm8k").problems()

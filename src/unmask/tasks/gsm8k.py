@@ -1,9 +1,10 @@
 """`gsm8k`: grade-school math word problems (Cobbe et al., 2021), scored like lm-eval does.
 
-Data: the test split as jsonl lines {"question", "answer"}, the answer ending in "#### N". By
-default the shared copy `shared/data/gsm8k/test.jsonl`, found through `UNMASK_GSM8K` or by
-walking up from the working directory and from this package (CI clones the repository with
-`shared/` beside the clone); `path=` takes another jsonl file or a Hugging Face dataset id.
+Data: the test split as jsonl lines {"question", "answer"}, the answer ending in "#### N". The
+1,319 test problems ship inside the package (`unmask/tasks/data/gsm8k/test.jsonl`, with the
+dataset's MIT licence beside it), so the task runs offline in a bare clone or a wheel install.
+`UNMASK_GSM8K=FILE` replaces that default everywhere it is used (this task and lm-eval's
+`gsm8k_local`); `path=` takes another jsonl file or a Hugging Face dataset id.
 
 Prompts: base models get lm-eval's "Question: ...\\nAnswer:" text (`prompt`, also kept in
 `meta["prompt"]`); chat models get the question as the user turn (`messages`). `fewshot=k`
@@ -28,7 +29,8 @@ from pathlib import Path
 from unmask.errors import UnmaskError
 from unmask.tasks.base import Problem, Task, extract_answer_phrase, normalize_number
 
-DATA_RELATIVE = Path("shared") / "data" / "gsm8k" / "test.jsonl"
+# the shipped test split (package data, see pyproject.toml) and its licence
+PACKAGED_DATA = Path(__file__).resolve().parent / "data" / "gsm8k" / "test.jsonl"
 ENV_VAR = "UNMASK_GSM8K"
 
 STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
@@ -111,16 +113,11 @@ def flexible_extract(completion: str) -> str | None:
     return None
 
 
-def find_default_data() -> Path | None:
-    """`UNMASK_GSM8K`, else `shared/data/gsm8k/test.jsonl` above the working dir or this package."""
+def find_default_data() -> Path:
+    """The GSM8K test file a task reads by default: `UNMASK_GSM8K` when set, else the packaged copy."""
     if os.environ.get(ENV_VAR):
-        return Path(os.environ[ENV_VAR])
-    for start in (Path.cwd(), Path(__file__).resolve().parent):
-        for folder in (start, *start.parents):
-            for candidate in (folder / DATA_RELATIVE, folder.parent / DATA_RELATIVE):
-                if candidate.is_file():
-                    return candidate
-    return None
+        return Path(os.environ[ENV_VAR]).expanduser()
+    return PACKAGED_DATA
 
 
 @lru_cache(maxsize=8)
@@ -160,7 +157,7 @@ def _read_hub(dataset_id: str, config: str) -> tuple[tuple[str, str], ...]:
 class GSM8KTask(Task):
     """Real GSM8K test problems for real checkpoints (see the module docstring).
 
-    Options: `path` (jsonl file or hub id; default: the shared copy), `config` (hub config),
+    Options: `path` (jsonl file or hub id; default: the packaged test split), `config` (hub config),
     `fewshot` (worked examples before the question, 0..8), `strict` (score with the strict filter).
     """
 
@@ -178,13 +175,11 @@ class GSM8KTask(Task):
 
     def _rows(self) -> tuple[tuple[str, str], ...]:
         if self.path is None:
-            found = find_default_data()
-            if found is None:
-                raise UnmaskError(
-                    f"no GSM8K data found (looked for {DATA_RELATIVE} above the working directory); "
-                    f"set {ENV_VAR} or pass path= a GSM8K jsonl file"
-                )
-            source = found
+            source = find_default_data()
+            if not source.is_file():
+                if os.environ.get(ENV_VAR):
+                    raise UnmaskError(f"{ENV_VAR}={os.environ[ENV_VAR]} is not a file; point it at a GSM8K jsonl file or unset it")
+                raise UnmaskError(f"the packaged GSM8K file {source} is missing; reinstall unmask or pass path= a GSM8K jsonl file")
         else:
             source = Path(self.path).expanduser()
             if not source.is_file():
@@ -192,6 +187,10 @@ class GSM8KTask(Task):
                     return _read_hub(self.path, self.config)
                 raise UnmaskError(f"GSM8K file {self.path} does not exist; pass path= a GSM8K jsonl file", field="path")
         return _read_jsonl(str(source), source.stat().st_mtime)
+
+    def records(self) -> list[dict[str, str]]:
+        """The data as {"question", "answer"} rows, in file order (what lm-eval's gsm8k_local reads)."""
+        return [{"question": question, "answer": answer} for question, answer in self._rows()]
 
     def _split_problems(self, split: str, limit: int | None) -> list[Problem]:
         problems = []
