@@ -7,8 +7,11 @@
 Everything after `lm-eval` goes to lm-eval unchanged (`run`, `ls` and `validate` included; with
 no sub-command lm-eval assumes `run`), so it behaves exactly like the `lm-eval` command except that
 the unmask model is registered first, `--model` defaults to `unmask` when neither `--model` nor
-`--config` is given, and with unmask `--device` defaults to the best available device (lm-eval's
-own default is cuda:0). Also runnable as `python -m unmask.evaluation ...`.
+`--config` is given, with unmask `--device` defaults to the best available device (lm-eval's
+own default is cuda:0), and the tasks that ship with unmask (`unmask.evaluation.lm_eval_tasks`:
+`gsm8k_local`, GSM8K's test split offline) are on the task search path, ahead of any
+`--include_path` (a task of yours with the same name wins). Also runnable as
+`python -m unmask.evaluation ...`.
 
 The main CLI mounts it with `add_lm_eval_parser(subparsers)` and dispatches to `run_lm_eval(args)`.
 """
@@ -17,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import inspect
 import logging
 import sys
 
@@ -95,6 +100,43 @@ def _show_our_logs():
         ours.level, ours.propagate = saved
 
 
+@contextlib.contextmanager
+def _our_tasks_included():
+    """Every lm-eval TaskManager made during the run also searches unmask's task folder, first in
+    its include_path (later folders win a name clash, so a user's own task of the same name is
+    used). lm-eval's CLI takes one --include_path string, so the folder cannot go in argv beside
+    a user's; wrapping the constructor covers `run`, `ls` and `validate` alike."""
+    from lm_eval.tasks import TaskManager
+
+    from unmask.evaluation.lm_eval_tasks import TASKS_DIR
+
+    # the class whose constructor names include_path (lm-eval's own, also under a subclass)
+    TaskManager = next((c for c in TaskManager.__mro__ if "include_path" in inspect.signature(c.__init__).parameters), None)
+    if TaskManager is None:  # an lm-eval we do not know: its own task search, untouched
+        yield
+        return
+    saved = TaskManager.__dict__.get("__init__")
+    original = TaskManager.__init__
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        paths = bound.arguments.get("include_path")
+        paths = [] if paths is None else list(paths) if isinstance(paths, (list, tuple)) else [paths]
+        bound.arguments["include_path"] = [TASKS_DIR, *paths]
+        original(*bound.args, **bound.kwargs)
+
+    TaskManager.__init__ = __init__
+    try:
+        yield
+    finally:
+        if saved is None:
+            del TaskManager.__init__
+        else:
+            TaskManager.__init__ = saved
+
+
 def main(argv: list[str] | None = None) -> int:
     """lm-eval's CLI (`lm_eval.__main__.cli_evaluate`) with unmask registered; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -113,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     # HarnessCLI reads sys.argv itself (it inserts `run` when no sub-command is named)
     sys.argv = ["lm-eval", *_with_defaults(argv)]
     try:
-        with _show_our_logs():
+        with _show_our_logs(), _our_tasks_included():
             cli = HarnessCLI()
             cli.execute(cli.parse_args())
     except SystemExit as exc:  # --help, and lm-eval's own argument errors
