@@ -269,5 +269,5 @@ def save_checkpoint(model: DiffusionLM, out: str | Path, max_shard_bytes: int | 
             weight_map.update({name: fname for name in shard})
         total = sum(t.numel() * t.element_size() for t in state.values())
         (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    model.tokenizer.hf.save_pretrained(str(out))
+    model.tokenizer.save(out)
     return out

@@ -2,9 +2,37 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from unmask.errors import UnmaskError
+
+# transformers 5 names its generic fast tokenizer `TokenizersBackend` in tokenizer_config.json, a class 4.x
+# lacks; `PreTrainedTokenizerFast` is the same tokenizer under a name both read back
+PORTABLE_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def make_portable(path: str | Path) -> None:
+    """Rewrite the tokenizer files in `path` so that transformers 4.x reads them as 5.x does.
+
+    transformers 5 writes a class name 4.x lacks and keeps the chat template in chat_template.jinja,
+    which older 4.x releases do not read. The class becomes PreTrainedTokenizerFast and the template moves
+    into tokenizer_config.json (its one copy, read by every version). Idempotent.
+    """
+    path = Path(path)
+    config_file = path / "tokenizer_config.json"
+    if not config_file.exists():
+        return
+    cfg = json.loads(config_file.read_text())
+    cls = cfg.get("tokenizer_class")
+    if cls in PORTABLE_CLASSES:
+        cfg["tokenizer_class"] = PORTABLE_CLASSES[cls]
+    template_file = path / CHAT_TEMPLATE_FILE
+    if template_file.exists():  # the file wins, as it does when transformers 5 reads both
+        cfg["chat_template"] = template_file.read_text()
+        template_file.unlink()
+    config_file.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 
 class Tokenizer:
@@ -34,6 +62,11 @@ class Tokenizer:
         except Exception as exc:  # transformers raises many kinds here; the user needs one sentence
             raise UnmaskError(f"could not load the tokenizer in {path}: {exc}") from None
         return cls(hf)
+
+    def save(self, path: str | Path) -> None:
+        """tokenizer.json and tokenizer_config.json (with the chat template) in `path`, readable by transformers 4.x and 5.x."""
+        self.hf.save_pretrained(str(path))
+        make_portable(path)
 
     @property
     def vocab_size(self) -> int:
