@@ -31,9 +31,10 @@ class Factor(Policy):
 
     `last_goes=true` reproduces Fast-dLLM's public code, which departs from the published rule in
     one case: when every masked position of the block but the least confident passes (the first
-    failure is at j = m, the block's last masked position), it commits all m. On the same
-    weights this takes 8-27% fewer calls than the rule as published; use it to reproduce Fast-dLLM's
-    reported figures. Default off: the rule as the paper writes it.
+    failure is at j = m, the block's last masked position), it commits all m. Use it to reproduce
+    Fast-dLLM's reported figures. Default off: the rule as the paper writes it. Built-in model, dev
+    split, n = 200: arith 0.870 at 16.88 NFE (rule) against 0.845 at 15.48 (last_goes, -8%); trace
+    0.805 at 15.03 against 0.795 at 13.42 (-11%).
     """
 
     name = "factor"
