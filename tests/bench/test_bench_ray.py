@@ -143,7 +143,7 @@ def test_cli_passes_backend_and_address(monkeypatch, tmp_path, capsys):
 
     seen = {}
 
-    def fake_run_bench(cfg, progress=True):
+    def fake_run_bench(cfg, progress=True, on_row=None):
         seen.update(backend=cfg.backend, address=cfg.address)
         (tmp_path / "results.md").write_text("table\n")
 

@@ -34,6 +34,7 @@ from unmask.bench.runner import (
     prepare,
     results_of,
     run_header,
+    short_name,
     strategy_key,
     summarize,
     usable,
@@ -132,7 +133,7 @@ def run_bench_ray(
         bars = []
         for i, (policy, key) in enumerate(zip(policies, keys)):
             todo = [p for p in problems if p.id not in log.done.get(key, {})]
-            bars.append(_progress(policy.describe(), len(problems), len(problems) - len(todo), progress, position=i))
+            bars.append(_progress(short_name(policy), len(problems), len(problems) - len(todo), progress, position=i))
             for start in range(0, len(todo), cfg.batch_size):
                 shards.append(Shard(len(shards), i, todo[start : start + cfg.batch_size]))
         remaining = [sum(1 for s in shards if s.strategy == i) for i in range(len(policies))]

@@ -293,7 +293,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True, on_row: Callable[[dict], 
     for policy in policies:
         key = strategy_key(policy.name, policy.params)
         todo = [p for p in problems if p.id not in log.done.get(key, {})]
-        bar = _progress(policy.describe(), len(problems), len(problems) - len(todo), progress)
+        bar = _progress(short_name(policy), len(problems), len(problems) - len(todo), progress)
         for start in range(0, len(todo), cfg.batch_size):
             chunk = todo[start : start + cfg.batch_size]
             try:
@@ -323,6 +323,13 @@ def write_results(results: dict, out: Path) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_markdown(results, out / "results.md")
     write_pareto(results, out / "pareto.png")
+
+
+def short_name(policy) -> str:
+    """`name` or `name:key=value` with only the parameters that differ from the defaults (progress bars)."""
+    from unmask.bench.report import _label
+
+    return _label({"strategy": policy.name, "params": policy.params})
 
 
 def _progress(desc: str, total: int, initial: int, enabled: bool, position: int | None = None):

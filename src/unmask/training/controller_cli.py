@@ -13,8 +13,9 @@
 the `oracle` decode towards the one-token-per-call low-confidence output); `--trajectory
 low_confidence` records that one-token-per-call reference decode instead.
 `controller` saves beside the model the traces were collected from (`<model_dir>/controller/`,
-`controller-drop-GROUP/` with --drop) unless --out is given; `tspd` finds it there. `--arch mlp`
-(default) is the window MLP, `--arch lstm` the recurrent controller (an LSTM cell, hidden 16).
+`controller-mlp/` for --arch mlp, `-drop-GROUP` appended with --drop) unless --out is given; `tspd`
+finds it there. `--arch lstm` (default, the paper's) is the recurrent controller (an LSTM cell,
+hidden 16), `--arch mlp` the window MLP.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def add_controller_commands(train_subparsers) -> None:
     train.add_argument("--out", default=None, help="folder to write (default: <model_dir>/controller beside the traced model)")
     train.add_argument("--drop", default=None, choices=list(FEATURE_GROUPS), help="feature group to leave out (ablation)")
     train.add_argument("--arch", default=t.arch, choices=list(ARCHITECTURES),
-                       help="mlp: window MLP (default); lstm: an LSTM cell over the position's calls in its block")
+                       help="lstm (default, the paper's): an LSTM cell over the position's calls in its block; mlp: window MLP")
     train.add_argument("--window", type=int, default=t.window,
                        help="calls the mlp sees (this one and the ones before); the lstm sees them all")
     train.add_argument("--hidden", type=int, default=None, help="hidden width (default 32 for mlp, 16 for lstm)")
