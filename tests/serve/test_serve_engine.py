@@ -91,8 +91,9 @@ def test_prepare_names_the_field_of_each_problem():
         assert err.value.field == field, (request, err.value)
 
 
-def test_engine_batches_queued_requests_and_matches_direct_decodes():
-    engine = _engine(max_batch_size=4)
+@pytest.mark.parametrize("batching", ["static", "continuous"])
+def test_engine_batches_queued_requests_and_matches_direct_decodes(batching):
+    engine = _engine(max_batch_size=4, batching=batching)
     model = engine.model
     prompts = ["tom has 5 apples", "hello world", "what is 3 plus 4", "print x", "how many cats"]
     jobs = [engine.prepare(GenerationRequest(p, chat=False, strategy="threshold:tau=0.5")) for p in prompts]
@@ -106,13 +107,14 @@ def test_engine_batches_queued_requests_and_matches_direct_decodes():
             if sum(e.kind == "done" for e in events) == len(jobs):
                 finished.set()
 
-    engine.submit(jobs, sink)  # queued before the worker starts, so they batch 4 + 1
-    engine.start()
+    engine.submit(jobs, sink)  # queued before the worker starts: static batches 4 + 1; continuous
+    engine.start()             # starts 4 and the fifth joins the running decode when a slot frees
     try:
         assert finished.wait(30)
     finally:
         engine.stop()
-    assert engine.stats["batches"] == 2 and engine.stats["max_batch"] == 4
+    assert engine.stats["batches"] == (2 if batching == "static" else 1) and engine.stats["max_batch"] == 4
+    assert engine.stats["batched_jobs"] == 5
     for i, prompt in enumerate(prompts):
         direct = generate(model, [prompt], "threshold:tau=0.5", chat=False).sequences[0]
         done = next(e for e in events if e.kind == "done" and e.index == i)

@@ -146,14 +146,33 @@ class Decoder:
         self.cancelled = cancelled
 
     @torch.inference_mode()
-    def run(self, prompt_ids: list[list[int]]) -> DecodeResult:
+    def run(self, prompt_ids: list[list[int]], seeds: list[int] | None = None, width: int | None = None,
+            admit: Callable[[int, int], list[tuple[list[int], int]]] | None = None,
+            on_finish: Callable[[int, SequenceResult], None] | None = None) -> DecodeResult:
+        """Decode `prompt_ids`; with `admit`, sequences may also join the decode at step boundaries.
+
+        `seeds`: each sequence's seed (default: the config's seed for all). `width`: the prompt
+        region's width (left padded; default the longest prompt). Continuous batching:
+        `admit(width, rows_so_far)` is called before every model call after the first and returns
+        the (prompt ids, seed) pairs that join now; each must fit the prompt width. A joining
+        sequence gets its own canvas row, generator, counters and policy state, so it decodes to the
+        same tokens as it would alone. `on_finish(row, result)` hears of each sequence as soon as it
+        leaves the batch; the returned `DecodeResult` holds every sequence, in the order they joined.
+        """
         model, policy, cfg = self.model, self.policy, self.config
         device = model.device
+        prompt_ids = [list(p) for p in prompt_ids]
+        seeds = [int(cfg.seed)] * len(prompt_ids) if seeds is None else [int(x) for x in seeds]
+        if len(seeds) != len(prompt_ids):
+            raise UnmaskError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts", field="seed")
+        if admit is not None and not policy.continuous:
+            raise UnmaskError(f"strategy {policy.name} cannot take sequences into a running decode "
+                              "(it prepares per batch); decode it in static batches", field="strategy")
         batch = len(prompt_ids)
         gen = cfg.gen_length
         block_len = gen if policy.whole_generation else cfg.block_length
         num_blocks = gen // block_len
-        prompt_len = max(len(p) for p in prompt_ids)
+        prompt_len = max(max(len(p) for p in prompt_ids), width or 0)
         if prompt_len + gen > model.max_length:
             raise UnmaskError(
                 f"prompt ({prompt_len} tokens) plus gen_length {gen} exceeds the model's context of {model.max_length}; "
@@ -162,13 +181,7 @@ class Decoder:
             )
         stop_ids = torch.tensor(model.stop_ids, device=device)
 
-        canvas = torch.full((batch, prompt_len + gen), model.pad_id, dtype=torch.long, device=device)
-        attention = torch.zeros_like(canvas, dtype=torch.bool)
-        for row, ids in enumerate(prompt_ids):
-            canvas[row, prompt_len - len(ids) : prompt_len] = torch.tensor(ids, device=device)
-            attention[row, prompt_len - len(ids) :] = True
-        canvas[:, prompt_len:] = model.mask_id
-        positions = model.position_ids(attention)
+        canvas, attention, positions = self._canvas_rows(prompt_ids, prompt_len, gen)
         gen_view = canvas[:, prompt_len:]  # (batch, gen) view: writes land in the canvas
 
         block_idx = torch.zeros(batch, dtype=torch.long, device=device)
@@ -182,7 +195,8 @@ class Decoder:
         stable = torch.zeros((batch, gen), dtype=torch.long, device=device)
         prev_conf = torch.full((batch, gen), float("nan"), device=device)
         commit_step = torch.full((batch, gen), -1, dtype=torch.long, device=device)
-        generators = [torch.Generator().manual_seed(int(cfg.seed)) for _ in range(batch)]
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        row_step = torch.zeros(batch, dtype=torch.long)  # calls each sequence has taken part in
         recorder = TraceRecorder(batch) if cfg.record_trace else None
         events: list[dict[str, float]] = [{} for _ in range(batch)]
         history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (rows, top1, still masked)
@@ -214,6 +228,42 @@ class Decoder:
         start = time.perf_counter()
 
         while bool(active.any()):
+            joining = admit(prompt_len, batch) if admit is not None and step > 0 else []
+            if joining:
+                for ids, _ in joining:
+                    if len(ids) > prompt_len:
+                        raise UnmaskError(f"a joining prompt of {len(ids)} tokens does not fit the running "
+                                          f"decode's prompt width {prompt_len}", field="prompt")
+                n = len(joining)
+                new_ids = [list(ids) for ids, _ in joining]
+                prompt_ids += new_ids
+                seeds += [int(seed) for _, seed in joining]
+                generators += [torch.Generator().manual_seed(int(seed)) for _, seed in joining]
+                c, a, pos = self._canvas_rows(new_ids, prompt_len, gen)
+                canvas, attention, positions = (torch.cat([canvas, c]), torch.cat([attention, a]),
+                                                torch.cat([positions, pos]))
+                gen_view = canvas[:, prompt_len:]
+
+                def more(t, fill):  # t grown by n rows of `fill`
+                    return torch.cat([t, torch.full((n,) + tuple(t.shape[1:]), fill, dtype=t.dtype, device=t.device)])
+
+                block_idx, block_step, active = more(block_idx, 0), more(block_step, 0), more(active, True)
+                nfe, rows_count, stopped_early, row_step = more(nfe, 0), more(rows_count, 0), more(stopped_early, False), more(row_step, 0)
+                finish_s = np.concatenate([finish_s, np.zeros(n)])
+                prev_top1, stable, prev_conf = more(prev_top1, -1), more(stable, 0), more(prev_conf, float("nan"))
+                commit_step, known_top1, fresh = more(commit_step, -1), more(known_top1, model.mask_id), more(fresh, False)
+                if known_stats is not None:
+                    known_stats = {k: more(v, float("nan")) for k, v in known_stats.items()}
+                if recorder is not None:
+                    recorder.grow(n)
+                events += [{} for _ in range(n)]
+                state = grow_state(state, policy.init_state(n, gen, device))
+                if cache is not None:
+                    cache.grow(attention)
+                batch += n
+                self._counters = (nfe, rows_count)
+                self._canvas = (canvas, attention, positions, prompt_len)
+                self._blocks = (block_idx, num_blocks)
             idx = active.nonzero().squeeze(1)
             b = idx.shape[0]
             block_pos = (block_idx[idx] * block_len)[:, None] + offsets  # (b, block)
@@ -301,7 +351,8 @@ class Decoder:
                     for j, row in enumerate(idx.tolist()):
                         events[row][name] = events[row].get(name, 0.0) + float(counts[j])
             cs = commit_step[idx]
-            cs[arange_b, block_pos] = torch.where(commit, torch.full_like(block_pos, step), cs[arange_b, block_pos])
+            own_step = row_step[idx.cpu()].to(device)[:, None].expand_as(block_pos)  # this call's index for each sequence
+            cs[arange_b, block_pos] = torch.where(commit, own_step, cs[arange_b, block_pos])
             if remask is not None:
                 cs[arange_b, block_pos] = torch.where(remask, torch.full_like(block_pos, -1), cs[arange_b, block_pos])
             commit_step[idx] = cs
@@ -309,6 +360,7 @@ class Decoder:
             pc[arange_b, block_pos] = stats["top1_prob"]
             prev_conf[idx] = pc
             block_step[idx] += 1
+            row_step[idx.cpu()] += 1
 
             if recorder is not None:
                 masked_before = (gen_view[idx] == model.mask_id).clone()
@@ -326,7 +378,7 @@ class Decoder:
                     )
                     if remask is not None:
                         for p in remask[j].nonzero().squeeze(1).tolist():
-                            recorder.remasked[row].append((step, int(block_pos[j, p])))
+                            recorder.remasked[row].append((int(row_step[row]), int(block_pos[j, p])))
 
             # block completion, the stop rule, and leaving the batch
             block_done = ~(new_blk == model.mask_id).any(-1)  # (b,)
@@ -344,6 +396,11 @@ class Decoder:
                 if finished.numel():
                     active[finished] = False
                     finish_s[finished.cpu().numpy()] = time.perf_counter() - start
+                    if on_finish is not None:
+                        for row in finished.tolist():
+                            on_finish(row, self._sequence(row, prompt_ids, gen_view, nfe, rows_count, finish_s,
+                                                          stopped_early, cancelled_rows, recorder, commit_step,
+                                                          events, history))
                 if self.on_block is not None:
                     for row in done_rows.tolist():
                         end = gen if bool(stopped_early[row]) else int(block_idx[row]) * block_len
@@ -355,37 +412,57 @@ class Decoder:
                         cancelled_rows.add(row)
                         pending.pop(row, None)
                         finish_s[row] = time.perf_counter() - start
+                        if on_finish is not None:
+                            on_finish(row, self._sequence(row, prompt_ids, gen_view, nfe, rows_count, finish_s,
+                                                          stopped_early, cancelled_rows, recorder, commit_step,
+                                                          events, history))
             step += 1
             if self.progress is not None:
                 self.progress(step)
 
         wall = time.perf_counter() - start
-        sequences = []
-        stop_set = set(model.stop_ids)
-        cs_np = commit_step.cpu().numpy()
-        redundant = self._temporal_redundancy(history, gen_view, batch)
-        for row in range(batch):
-            tokens = gen_view[row].tolist()
-            cut = next((i for i, t in enumerate(tokens) if t in stop_set), len(tokens))
-            answer = tokens[:cut]
-            sequences.append(
-                SequenceResult(
-                    prompt_ids=list(prompt_ids[row]),
-                    tokens=tokens,
-                    answer_ids=answer,
-                    text=model.tokenizer.decode(answer),
-                    nfe=int(nfe[row]),
-                    rows=int(rows_count[row]),
-                    decided=sum(t != model.mask_id for t in tokens),
-                    latency_s=float(finish_s[row]),
-                    stopped_early=bool(stopped_early[row]),
-                    cancelled=row in cancelled_rows,
-                    trace=recorder.build(row, cs_np[row]) if recorder is not None else None,
-                    events={**events[row], "temporal_redundant_steps": float(redundant[row])},
-                )
-            )
+        sequences = [self._sequence(row, prompt_ids, gen_view, nfe, rows_count, finish_s, stopped_early, cancelled_rows,
+                                    recorder, commit_step, events, history) for row in range(batch)]
         return DecodeResult(sequences=sequences, wall_s=wall, strategy=policy.name, params=policy.params, config=cfg,
                             extras=dict(self._seconds))
+
+    def _canvas_rows(self, prompt_ids: list[list[int]], prompt_len: int, gen: int):
+        """Canvas rows (prompt left padded to `prompt_len`, then `gen` masks), attention and positions."""
+        model = self.model
+        device = model.device
+        canvas = torch.full((len(prompt_ids), prompt_len + gen), model.pad_id, dtype=torch.long, device=device)
+        attention = torch.zeros_like(canvas, dtype=torch.bool)
+        for row, ids in enumerate(prompt_ids):
+            canvas[row, prompt_len - len(ids) : prompt_len] = torch.tensor(ids, device=device)
+            attention[row, prompt_len - len(ids) :] = True
+        canvas[:, prompt_len:] = model.mask_id
+        return canvas, attention, model.position_ids(attention)
+
+    def _sequence(self, row, prompt_ids, gen_view, nfe, rows_count, finish_s, stopped_early, cancelled_rows, recorder,
+                  commit_step, events, history) -> SequenceResult:
+        """One sequence's result, as it stands (it has left the batch, or the decode is over)."""
+        model = self.model
+        tokens = gen_view[row].tolist()
+        stop_set = set(model.stop_ids)
+        cut = next((i for i, t in enumerate(tokens) if t in stop_set), len(tokens))
+        answer = tokens[:cut]
+        mine = [(rows == row, top1, still) for rows, top1, still in history]
+        redundant = sum(int((still[sel] & (top1[sel] == gen_view[row])).sum()) for sel, top1, still in mine
+                        if bool(sel.any()))
+        return SequenceResult(
+            prompt_ids=list(prompt_ids[row]),
+            tokens=tokens,
+            answer_ids=answer,
+            text=model.tokenizer.decode(answer),
+            nfe=int(nfe[row]),
+            rows=int(rows_count[row]),
+            decided=sum(t != model.mask_id for t in tokens),
+            latency_s=float(finish_s[row]),
+            stopped_early=bool(stopped_early[row]),
+            cancelled=row in cancelled_rows,
+            trace=recorder.build(row, commit_step[row].cpu().numpy()) if recorder is not None else None,
+            events={**events[row], "temporal_redundant_steps": float(redundant)},
+        )
 
     @contextlib.contextmanager
     def _timed(self, key: str):
@@ -580,15 +657,6 @@ class Decoder:
         return accepted, next_logits, events
 
     @staticmethod
-    def _temporal_redundancy(history, gen_view, batch: int) -> torch.Tensor:
-        """Per sequence: steps x positions still masked after a step whose top-1 already was the final token."""
-        total = torch.zeros(batch, dtype=torch.long, device=gen_view.device)
-        for rows, top1, still_masked in history:
-            hit = still_masked & (top1 == gen_view[rows])
-            total.index_add_(0, rows, hit.sum(-1))
-        return total.cpu()
-
-    @staticmethod
     def _stop_rule(rows, gen_view, gen_top1, block_idx, block_len, stop_ids, stopped_early) -> None:
         """A finished block holding a committed stop token, with only stop tokens predicted for every
         later masked position, ends the decode: those positions are filled with their predictions."""
@@ -606,6 +674,22 @@ class Decoder:
             filled = torch.where(later[fire], gen_top1[fire], tokens[fire])
             gen_view[fill_rows] = filled
             stopped_early[fill_rows.cpu()] = True
+
+
+def grow_state(state: Any, more: Any) -> Any:
+    """A policy's per-decode state with the rows of `more` (the same structure) appended.
+
+    States are tensors indexed by sequence first, possibly in dicts, lists or tuples; None stays None.
+    """
+    if state is None and more is None:
+        return None
+    if isinstance(state, torch.Tensor):
+        return torch.cat([state, more])
+    if isinstance(state, dict):
+        return {k: grow_state(v, more[k]) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(grow_state(a, b) for a, b in zip(state, more))
+    raise TypeError(f"cannot add sequences to a policy state of type {type(state).__name__}")
 
 
 def generate(

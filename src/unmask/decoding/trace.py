@@ -55,6 +55,11 @@ class TraceRecorder:
         self.rows: list[list[dict]] = [[] for _ in range(batch_size)]
         self.remasked: list[list[tuple[int, int]]] = [[] for _ in range(batch_size)]
 
+    def grow(self, n: int) -> None:
+        """Room for `n` more sequences (they joined the decode)."""
+        self.rows += [[] for _ in range(n)]
+        self.remasked += [[] for _ in range(n)]
+
     def record(self, row: int, **arrays) -> None:
         self.rows[row].append(arrays)
 

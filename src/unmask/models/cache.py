@@ -34,6 +34,19 @@ class KVCache:
         self.read_only = False
         self._all_rows = False  # set by partial(): the call covers every sequence, in order
 
+    def grow(self, key_mask: torch.Tensor) -> None:
+        """Room for the sequences that joined the decode: `key_mask` is the whole batch's, new rows last.
+
+        Their stored keys and values start empty (zeros); their first call is a full forward that
+        fills them, as for every sequence at the start of a block.
+        """
+        n = key_mask.shape[0] - self.batch_size
+        for store in (self.keys, self.values):
+            for layer, t in store.items():
+                store[layer] = torch.cat([t, torch.zeros((n,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)])
+        self.batch_size = key_mask.shape[0]
+        self.key_mask = key_mask
+
     # -- set by the loop before each call -------------------------------------------------------
     def fill(self, rows: torch.Tensor) -> "KVCache":
         self.rows, self.query_pos, self.read_only = rows, None, False

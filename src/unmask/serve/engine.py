@@ -7,13 +7,22 @@ is built by the registry, the lengths by `DecodeConfig`, the prompt checked agai
 context), queued in a bounded queue, and decoded by one worker thread with the one loop
 (`unmask.decoding.generate`).
 
-Batching decisions live in one place, `take_batch`: the worker takes the oldest waiting request and
-every other waiting request that can share its `generate` call (same strategy, params, gen/block
-length, seed and cache mode), up to `max_batch_size`. A batch runs to completion; requests that
-arrive meanwhile wait for the next one (no per-step continuous batching). A decode that raises fails
-every request of its batch with an "error" event (status 500 for NaN logits or a bug, with the
-error's text; 400 for an `UnmaskError`) and the worker goes on with the next batch; jobs still
-queued when the engine stops get a 503.
+Batching decisions live in two places. `take_batch` starts a decode: the oldest waiting request and
+every other waiting request that can share it, up to `max_batch_size`. With `batching="continuous"`
+(the default) requests share a decode when they agree on strategy, params, gen/block length and
+cache mode, whatever their seeds, `max_tokens` and `stop`; `take_joiners` then lets waiting
+requests join the running decode before each model call, as soon as a slot is free (a finished
+sequence leaves the batch at once and its answer is sent), so a request waits at most one model
+call for a slot rather than a whole batch. The decode's prompt region is the longest starting
+prompt rounded up to a multiple of `PROMPT_BUCKET` tokens (left padding: a joiner must fit it;
+a longer prompt waits for the next decode), and a decode takes in at most `max_run_rows`
+sequences before it drains, so requests of other kinds are not starved. Each sequence has its own
+generator, counters and policy state, so a request decodes to the same tokens whatever joins or
+leaves around it. A policy that prepares per batch (the oracle) and `batching="static"` decode
+each batch to completion, requests arriving meanwhile waiting for the next one (seeds must agree
+too). A decode that raises fails every unfinished request of its batch with an "error" event
+(status 500 for NaN logits or a bug, with the error's text; 400 for an `UnmaskError`) and the worker
+goes on with the next batch; jobs still queued when the engine stops get a 503.
 """
 
 from __future__ import annotations
@@ -41,12 +50,18 @@ class EngineStopped(Exception):
     """The engine is shutting down (or its worker is gone) and takes no more requests."""
 
 
+BATCHING = ("continuous", "static")
+PROMPT_BUCKET = 32  # a continuous decode's prompt region: the longest starting prompt, rounded up to this
+
+
 @dataclass
 class EngineConfig:
-    max_batch_size: int = 8  # requests decoded together in one generate call
+    max_batch_size: int = 8  # sequences decoded together (active at once, in continuous batching)
     max_queue: int = 256  # requests waiting (not yet decoding); past it, submit raises QueueFull
     strategy: str = "low_confidence"  # used when a request names none
     cache: str = "none"
+    batching: str = "continuous"  # "continuous": requests join a running decode; "static": whole batches
+    max_run_rows: int | None = None  # sequences one continuous decode takes in (default 16 x max_batch_size)
 
 
 @dataclass
@@ -75,6 +90,10 @@ class BatchKey:
     block_length: int
     seed: int
     cache: str
+
+    def shared(self) -> tuple:
+        """What a continuous decode's sequences must agree on: everything but the seed."""
+        return (self.strategy, self.params, self.gen_length, self.block_length, self.cache)
 
 
 @dataclass
@@ -110,6 +129,7 @@ class Job:
     cancel_event: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = 0.0
     id: int = 0
+    continuous: bool = False  # it may share a decode with other seeds and join a running one
 
     def cancel(self) -> None:
         """The client went away: drop the job from the queue, or its sequence from the running decode."""
@@ -134,12 +154,38 @@ def take_batch(queue: deque, max_batch_size: int, dropped: list | None = None) -
             if dropped is not None:
                 dropped.append(job)
             continue
-        if not batch or (job.key == batch[0].key and len(batch) < max_batch_size):
+        if batch and batch[0].continuous:
+            fits = job.continuous and job.key.shared() == batch[0].key.shared()
+        else:
+            fits = bool(batch) and job.key == batch[0].key
+        if not batch or (fits and len(batch) < max_batch_size):
             batch.append(job)
         else:
             kept.append(job)
     queue.extend(kept)
     return batch
+
+
+def take_joiners(queue: deque, first: Job, width: int, slots: int, dropped: list | None = None) -> list[Job]:
+    """Waiting jobs that can join `first`'s running continuous decode now, oldest first, at most `slots`.
+
+    A joiner agrees with `first` on everything but the seed and its prompt fits the decode's width.
+    Removes them (and cancelled jobs met on the way, appended to `dropped`) from `queue`.
+    """
+    joiners: list[Job] = []
+    kept: deque = deque()
+    while queue:
+        job = queue.popleft()
+        if job.cancelled:
+            if dropped is not None:
+                dropped.append(job)
+        elif (len(joiners) < slots and job.continuous and job.key.shared() == first.key.shared()
+              and len(job.prompt_ids) <= width):
+            joiners.append(job)
+        else:
+            kept.append(job)
+    queue.extend(kept)
+    return joiners
 
 
 class Engine:
@@ -157,6 +203,9 @@ class Engine:
         self.config = config or EngineConfig()
         if self.config.max_batch_size < 1 or self.config.max_queue < 0:
             raise UnmaskError("max_batch_size must be >= 1 and max_queue >= 0")
+        if self.config.batching not in BATCHING:
+            raise UnmaskError(f"batching must be one of {', '.join(BATCHING)}, got {self.config.batching!r}",
+                              field="batching")
         parse_strategy(self.config.strategy)  # a bad default strategy fails at start, not per request
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
@@ -197,6 +246,7 @@ class Engine:
     def health(self) -> dict[str, Any]:
         batches = self.stats["batches"]
         return {"alive": self.alive, "waiting": self.waiting, "running": self.running,
+                "batching": self.config.batching,
                 "max_batch_size": self.config.max_batch_size, "max_queue": self.config.max_queue,
                 "mean_batch": round(self.stats["batched_jobs"] / batches, 3) if batches else 0.0, **self.stats}
 
@@ -235,7 +285,9 @@ class Engine:
         key = BatchKey(policy.name, json.dumps(params, sort_keys=True, default=str), config.gen_length,
                        config.block_length, config.seed, config.cache)
         tracker = AnswerTracker(self._decode_text, model.stop_ids, request.max_tokens, request.stop)
-        return Job(prompt_ids=prompt_ids, key=key, strategy=policy.name, params=params, tracker=tracker)
+        continuous = self.config.batching == "continuous" and policy.continuous
+        return Job(prompt_ids=prompt_ids, key=key, strategy=policy.name, params=params, tracker=tracker,
+                   continuous=continuous)
 
     def submit(self, jobs: Sequence[Job], sink: Callable[[Event], None]) -> None:
         """Queue `jobs` (all or none). Raises QueueFull when they do not fit."""
@@ -320,7 +372,9 @@ class Engine:
                 self.stats["cancelled"] += len(dropped)  # their clients left while they waited
             for job in dropped:
                 self._emit(job, Event("cancelled"))
-            if batch:
+            if batch and batch[0].continuous:
+                self._decode_continuous(batch)
+            elif batch:
                 self._decode(batch)
             self.running = 0
         for job in leftover:
@@ -353,11 +407,84 @@ class Engine:
                 gen_length=key.gen_length, block_length=key.block_length, seed=key.seed, cache=key.cache,
                 on_block=on_block, cancelled=cancelled,
             )
-        except NonFiniteLogitsError as exc:  # the model is at fault, not the request: a 500
+        except Exception as exc:
+            self._fail(batch, exc)
+            return
+        for job, seq in zip(batch, result.sequences):
+            self._complete(job, seq, started, len(batch))
+
+    def _decode_continuous(self, first: list[Job]) -> None:
+        """One continuous decode: `first` starts it, waiting jobs join before each model call."""
+        from unmask.decoding.config import DecodeConfig
+        from unmask.decoding.loop import Decoder
+        from unmask.decoding.registry import build_policy
+
+        key = first[0].key
+        cfg = self.config
+        limit = cfg.max_run_rows or 16 * cfg.max_batch_size
+        jobs: list[Job] = list(first)  # by row of the decode
+        joined_at = [time.perf_counter()] * len(jobs)
+        left: set[int] = set()
+        longest = max(len(job.prompt_ids) for job in jobs)
+        width = min(-(-longest // PROMPT_BUCKET) * PROMPT_BUCKET, self.model.max_length - key.gen_length)
+        self.stats["batches"] += 1
+        self._count_batch(len(jobs))
+
+        def admit(width: int, rows: int) -> list[tuple[list[int], int]]:
+            slots = min(cfg.max_batch_size - (rows - len(left)), limit - rows)
+            if slots <= 0:
+                return []
+            dropped: list[Job] = []
+            with self._cond:
+                if self._stopping:
+                    return []
+                joiners = take_joiners(self._queue, jobs[0], width, slots, dropped)
+                self.stats["cancelled"] += len(dropped)
+            for job in dropped:
+                self._emit(job, Event("cancelled"))
+            now = time.perf_counter()
+            jobs.extend(joiners)
+            joined_at.extend([now] * len(joiners))
+            self.running = len(jobs) - len(left)
+            self._count_batch(self.running, joined=len(joiners))
+            return [(job.prompt_ids, job.key.seed) for job in joiners]
+
+        def on_block(row: int, block_index: int, tokens: list[int]) -> None:
+            delta = jobs[row].tracker.update(tokens)
+            if delta:
+                self._emit(jobs[row], Event("delta", text=delta))
+
+        def cancelled(row: int) -> bool:
+            return jobs[row].cancelled or jobs[row].tracker.done
+
+        def on_finish(row: int, seq) -> None:
+            left.add(row)
+            self.running = len(jobs) - len(left)
+            self._complete(jobs[row], seq, joined_at[row], len(jobs) - len(left) + 1)
+
+        try:
+            policy = build_policy(key.strategy, jobs[0].params)
+            config = DecodeConfig(gen_length=key.gen_length, block_length=key.block_length, cache=key.cache,
+                                  seed=key.seed).resolved(self.model.defaults)
+            policy.prepare(self.model, [job.prompt_ids for job in jobs], config)
+            Decoder(self.model, policy, config, on_block=on_block, cancelled=cancelled).run(
+                [job.prompt_ids for job in jobs], seeds=[job.key.seed for job in jobs], width=width,
+                admit=admit, on_finish=on_finish)
+        except Exception as exc:
+            self._fail([job for row, job in enumerate(jobs) if row not in left], exc,
+                       rows=[row for row in range(len(jobs)) if row not in left])
+
+    def _count_batch(self, size: int, joined: int | None = None) -> None:
+        self.stats["batched_jobs"] += size if joined is None else joined
+        self.stats["max_batch"] = max(self.stats["max_batch"], size)
+
+    def _fail(self, batch: list[Job], exc: Exception, rows: list[int] | None = None) -> None:
+        """Fail the unfinished jobs of a decode that raised (`rows`: their rows in the decode)."""
+        rows = list(range(len(batch))) if rows is None else rows
+        if isinstance(exc, NonFiniteLogitsError):  # the model is at fault, not the request: a 500
             log.error("decode stopped: %s", exc)
             # the affected jobs first: a request holding several prompts reports its own fault
-            for row in sorted(range(len(batch)), key=lambda r: r not in exc.details):
-                job = batch[row]
+            for row, job in sorted(zip(rows, batch), key=lambda pair: pair[0] not in exc.details):
                 self.stats["failed"] += 1
                 if row in exc.details:
                     message = exc.describe("this request" if job.index == 0 else f"prompt {job.index} of this request",
@@ -366,39 +493,39 @@ class Engine:
                     message = ("this request's decode was stopped because another prompt in its batch failed; "
                                f"retry it ({exc.describe('that prompt')})")
                 self._emit(job, Event("error", status=500, message=message))
-            return
-        except UnmaskError as exc:
+        elif isinstance(exc, UnmaskError):
             for job in batch:
                 self.stats["failed"] += 1
                 self._emit(job, Event("error", status=400, message=exc.message, param=exc.field))
-            return
-        except Exception as exc:  # a bug must fail its requests, never the worker
-            log.exception("decode failed")
+        else:  # a bug must fail its requests, never the worker
+            log.error("decode failed", exc_info=exc)
             detail = " ".join(str(exc).split())[:300]
             message = f"internal error during decoding: {type(exc).__name__}" + (f": {detail}" if detail else "")
             for job in batch:
                 self.stats["failed"] += 1
                 self._emit(job, Event("error", status=500, message=message))
+
+    def _complete(self, job: Job, seq, started: float, batch_size: int) -> None:
+        """Send a finished sequence's answer (or its cancellation) to its job."""
+        key = job.key
+        if job.cancelled:
+            self.stats["cancelled"] += 1
+            self._emit(job, Event("cancelled"))
             return
-        for job, seq in zip(batch, result.sequences):
-            if job.cancelled:
-                self.stats["cancelled"] += 1
-                self._emit(job, Event("cancelled"))
-                continue
-            delta = job.tracker.finish(seq.tokens)
-            if delta:
-                self._emit(job, Event("delta", text=delta))
-            tracker = job.tracker
-            usage = {"prompt_tokens": len(job.prompt_ids), "completion_tokens": len(tracker.answer_ids),
-                     "total_tokens": len(job.prompt_ids) + len(tracker.answer_ids)}
-            stats = {
-                "nfe": seq.nfe, "tpf": round(seq.tpf, 4), "strategy": job.strategy, "params": job.params,
-                "seconds": round(seq.latency_s, 6), "queue_seconds": round(started - job.submitted_at, 6),
-                "gen_length": key.gen_length, "block_length": key.block_length, "seed": key.seed,
-                "batch_size": len(batch),
-            }
-            self.stats["completed"] += 1
-            self._emit(job, Event("done", text=tracker.text, finish_reason=tracker.finish_reason, usage=usage, stats=stats))
+        delta = job.tracker.finish(seq.tokens)
+        if delta:
+            self._emit(job, Event("delta", text=delta))
+        tracker = job.tracker
+        usage = {"prompt_tokens": len(job.prompt_ids), "completion_tokens": len(tracker.answer_ids),
+                 "total_tokens": len(job.prompt_ids) + len(tracker.answer_ids)}
+        stats = {
+            "nfe": seq.nfe, "tpf": round(seq.tpf, 4), "strategy": job.strategy, "params": job.params,
+            "seconds": round(seq.latency_s, 6), "queue_seconds": round(started - job.submitted_at, 6),
+            "gen_length": key.gen_length, "block_length": key.block_length, "seed": key.seed,
+            "batch_size": batch_size,
+        }
+        self.stats["completed"] += 1
+        self._emit(job, Event("done", text=tracker.text, finish_reason=tracker.finish_reason, usage=usage, stats=stats))
 
     @staticmethod
     def _emit(job: Job, event: Event) -> None:

@@ -17,8 +17,9 @@ from unmask.serve.protocol import DEFAULT_MAX_BODY_BYTES
 
 
 def build_engine(model, strategy: str = "low_confidence", max_batch_size: int = 8, max_queue: int = 256,
-                 cache: str = "none") -> Engine:
-    return Engine(model, EngineConfig(max_batch_size=max_batch_size, max_queue=max_queue, strategy=strategy, cache=cache))
+                 cache: str = "none", batching: str = "continuous") -> Engine:
+    return Engine(model, EngineConfig(max_batch_size=max_batch_size, max_queue=max_queue, strategy=strategy, cache=cache,
+                                      batching=batching))
 
 
 @contextmanager

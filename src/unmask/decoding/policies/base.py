@@ -107,6 +107,9 @@ class Policy:
     departures: ClassVar[tuple[str, ...]] = ()
     # a step may rightly commit nothing (Dream's schedule): the loop then does not force a commit
     empty_steps: ClassVar[bool] = False
+    # sequences may join a running decode (continuous batching); False for a policy that prepares
+    # per batch of prompts (the oracle's reference decode)
+    continuous: ClassVar[bool] = True
     remasking: ClassVar[bool] = False
     whole_generation: ClassVar[bool] = False
 

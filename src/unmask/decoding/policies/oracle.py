@@ -21,6 +21,8 @@ class Oracle(Policy):
         super().__init__(config)
         self._targets: torch.Tensor | None = None
 
+    continuous = False  # its reference decode is prepared per batch of prompts
+
     def prepare(self, model, prompts, decode_config) -> None:
         from unmask.decoding.loop import Decoder
         from unmask.decoding.policies.low_confidence import LowConfidence

@@ -1,0 +1,107 @@
+"""Continuous batching: sequences that join a running decode at step boundaries decode to exactly the
+tokens (and NFE) they get alone, each with its own seed, for every policy, with and without the KV
+cache; the oracle, which prepares per batch, refuses to take joiners."""
+
+from __future__ import annotations
+
+import pytest
+
+from unmask.decoding import DecodeConfig, generate, policy_names
+from unmask.decoding.loop import Decoder, encode_prompts, grow_state
+from unmask.decoding.registry import parse_strategy
+from unmask.errors import UnmaskError
+from unmask.testing import write_tiny_controller
+
+GEN, BLOCK = 16, 8
+PROMPTS = ["what is 2 plus 3 ?", "hello", "tom has 5 apples and ann has 7 pens . how many apples ?", "hi there"]
+SEEDS = [11, 22, 33, 44]
+JOIN_AT = {2: [1], 5: [2, 3]}  # before the model call with this index, these prompts join
+CONTINUOUS = [n for n in policy_names() if n != "oracle"]
+SPEC = {n: n for n in CONTINUOUS}
+SPEC["threshold"] = "threshold:tau=0.3"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _controller(tmp_path_factory):
+    SPEC["tspd"] = f"tspd:tau=0.5,ce=true,controller={write_tiny_controller(tmp_path_factory.mktemp('c'))}"
+
+
+def _continuous(model, spec, cache, finished):
+    policy = parse_strategy(spec)
+    cfg = DecodeConfig(gen_length=GEN, block_length=BLOCK, cache=cache).resolved(model.defaults)
+    ids = encode_prompts(model, PROMPTS)
+    policy.prepare(model, ids, cfg)
+    calls = {"n": 0}
+    joined = [0]
+
+    def admit(width, rows):
+        calls["n"] += 1
+        joined.extend(JOIN_AT.get(calls["n"], []))
+        return [(ids[i], SEEDS[i]) for i in JOIN_AT.get(calls["n"], [])]
+
+    width = max(len(x) for x in ids)
+    result = Decoder(model, policy, cfg).run([ids[0]], seeds=[SEEDS[0]], width=width, admit=admit,
+                                             on_finish=lambda row, seq: finished.append((row, seq)))
+    return result, joined
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("name", CONTINUOUS)
+def test_joining_sequences_decode_as_they_do_alone(model, name, cache, temperature):
+    spec = SPEC[name] + ((("," if ":" in SPEC[name] else ":") + f"temperature={temperature}") if temperature else "")
+    finished = []
+    result, order = _continuous(model, spec, cache, finished)
+    # everyone joins while the first sequence still decodes, except under one_shot (one call: done
+    # before anyone can join)
+    assert len(order) == (1 if name == "one_shot" else len(PROMPTS))
+    assert len(result.sequences) == len(order)
+    for row, i in enumerate(order):
+        alone = generate(model, [PROMPTS[i]], spec, gen_length=GEN, block_length=BLOCK, cache=cache, seed=SEEDS[i])
+        got, want = result.sequences[row], alone.sequences[0]
+        assert got.tokens == want.tokens, f"{name}: prompt {i} changed by joining the decode"
+        assert got.nfe == want.nfe and got.rows == want.rows
+    # each sequence was reported once, as soon as it left, with the same result as the end's
+    assert sorted(r for r, _ in finished) == list(range(len(order)))
+    for row, seq in finished:
+        assert seq.tokens == result.sequences[row].tokens and seq.nfe == result.sequences[row].nfe
+
+
+def test_joined_rows_really_overlapped(model):
+    # not vacuous: the joiners took part in calls together with the first sequence
+    finished = []
+    result, order = _continuous(model, "low_confidence", "none", finished)
+    assert order == [0, 1, 2, 3]
+    first_left = [r for r, _ in finished].index(0)
+    assert result.sequences[0].nfe == GEN  # one token per call: 16 calls, the last joiner came before call 6
+    assert first_left < 3  # row 0 left before the later joiners were done
+
+
+def test_the_oracle_refuses_joiners(model):
+    policy = parse_strategy("oracle")
+    cfg = DecodeConfig(gen_length=GEN, block_length=BLOCK).resolved(model.defaults)
+    ids = encode_prompts(model, PROMPTS[:1])
+    policy.prepare(model, ids, cfg)
+    with pytest.raises(UnmaskError, match="cannot take sequences into a running decode"):
+        Decoder(model, policy, cfg).run(ids, admit=lambda w, r: [])
+
+
+def test_a_joiner_longer_than_the_prompt_width_is_refused(model):
+    cfg = DecodeConfig(gen_length=GEN, block_length=BLOCK).resolved(model.defaults)
+    short, long = encode_prompts(model, ["hi", PROMPTS[2]])
+    with pytest.raises(UnmaskError, match="does not fit"):
+        Decoder(model, parse_strategy("low_confidence"), cfg).run([short], admit=lambda w, r: [(long, 0)])
+
+
+def test_grow_state_appends_rows_through_nested_structures():
+    import torch
+
+    a = {"x": torch.zeros(2, 3), "inner": {"h": torch.ones(2, 1)}, "pair": (torch.zeros(2), torch.ones(2))}
+    b = {"x": torch.ones(1, 3), "inner": {"h": torch.zeros(1, 1)}, "pair": (torch.ones(1), torch.zeros(1))}
+    g = grow_state(a, b)
+    assert g["x"].tolist() == [[0, 0, 0], [0, 0, 0], [1, 1, 1]]
+    assert g["inner"]["h"].tolist() == [[1], [1], [0]]
+    assert g["pair"][0].tolist() == [0, 0, 1] and g["pair"][1].tolist() == [1, 1, 0]
+    assert grow_state(None, None) is None
+    with pytest.raises(TypeError):
+        grow_state(3, 4)
