@@ -24,6 +24,10 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="largest request body accepted, in bytes; larger ones get HTTP 413 (default 1 MiB)")
     p.add_argument("--cache", default="none", choices=("none", "prefix", "dual"), help="KV cache mode")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--replicas", type=int, default=None,
+                   help="N >= 2: serve on N Ray Serve replicas (one per GPU, else one per CPU), each with its own "
+                        "engine and model, behind one router on the same host and port (needs unmask[ray]); "
+                        "default: one process")
     return p
 
 
@@ -44,18 +48,45 @@ def run_serve(args) -> int:
         import uvicorn  # noqa: F401
     except ImportError:
         raise UnmaskError("unmask serve needs fastapi and uvicorn; install them with `pip install unmask[serve]`") from None
+    if args.replicas is not None and args.replicas < 1:
+        raise UnmaskError(f"--replicas must be at least 1, got {args.replicas}", field="replicas")
     parse_strategy(args.strategy)  # a bad strategy fails before the model loads
+    if args.replicas is not None and args.replicas >= 2:
+        return _run_replicated(args)
     model = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     engine = build_engine(model, strategy=args.strategy, max_batch_size=args.max_batch_size,
                           max_queue=args.max_queue, cache=args.cache)
     name = args.served_model_name or model.name
-    if not _loopback(args.host):
-        sys.stderr.write(f"unmask serve: warning: binding {args.host} exposes the server, which has no "
-                         "authentication, beyond this machine\n")
+    _warn_if_exposed(args.host)
     print(f"unmask serve: {name} on http://{args.host}:{args.port}/v1 (default strategy {args.strategy})", flush=True)
     run_server(engine, args.host, args.port, model_name=name, log_level=args.log_level,
                max_body_bytes=args.max_body_bytes)
     return 0
+
+
+def _run_replicated(args) -> int:
+    """--replicas N: the model loads in each replica, not here."""
+    from unmask.serve.ray_serve import ReplicaSettings, run_replicated
+
+    settings = ReplicaSettings(model=args.model, device=args.device, dtype=args.dtype,
+                               trust_remote_code=args.trust_remote_code, strategy=args.strategy,
+                               max_batch_size=args.max_batch_size, max_queue=args.max_queue, cache=args.cache,
+                               served_model_name=args.served_model_name, max_body_bytes=args.max_body_bytes,
+                               engine_options=_engine_options(args))
+    _warn_if_exposed(args.host)
+    run_replicated(settings, args.replicas, args.host, args.port, log_level=args.log_level)
+    return 0
+
+
+def _engine_options(args) -> dict:
+    """Engine settings beyond ReplicaSettings' own fields, passed on to each replica's build_engine."""
+    return {name: getattr(args, name) for name in ("batching",) if getattr(args, name, None) is not None}
+
+
+def _warn_if_exposed(host: str) -> None:
+    if not _loopback(host):
+        sys.stderr.write(f"unmask serve: warning: binding {host} exposes the server, which has no "
+                         "authentication, beyond this machine\n")
 
 
 def _loopback(host: str) -> bool:
