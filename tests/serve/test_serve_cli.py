@@ -16,7 +16,8 @@ def _parse(argv):
 
 def test_defaults_bind_loopback_on_port_8000():
     args = _parse([])
-    assert (args.host, args.port, args.strategy, args.model) == ("127.0.0.1", 8000, "low_confidence", None)
+    assert (args.host, args.port, args.strategy, args.model) == ("127.0.0.1", 8000, "auto", None)
+    assert args.batching == "continuous"
     assert _loopback(args.host) and _loopback("::1") and _loopback("localhost") and not _loopback("0.0.0.0")
 
 
@@ -29,3 +30,14 @@ def test_defaults_bind_loopback_on_port_8000():
 def test_bad_settings_fail_with_one_sentence_before_the_model_loads(argv, words):
     with pytest.raises(UnmaskError, match=words.replace("-", r"\-")):
         run_serve(_parse(argv))
+
+
+def test_auto_is_the_fast_default_where_a_controller_exists_else_threshold(tiny_checkpoint):
+    from unmask.models import load_model
+    from unmask.serve import build_engine
+    from unmask.serve.engine import FALLBACK_DEFAULT, FAST_DEFAULT
+
+    assert build_engine(load_model(None)).config.strategy == FAST_DEFAULT == "tspd:ce=true"  # the built-in model
+    tiny = build_engine(load_model(tiny_checkpoint))  # no controller beside it
+    assert tiny.config.strategy == FALLBACK_DEFAULT == "threshold"
+    assert tiny.health()["default_strategy"] == "threshold"

@@ -13,8 +13,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own Python code to run")
-    p.add_argument("--strategy", default="low_confidence",
-                   help="default strategy, NAME or NAME:key=value,...; a request may choose another")
+    p.add_argument("--strategy", default="auto",
+                   help="default strategy, NAME or NAME:key=value,...; a request may choose another (default auto: "
+                        "tspd:ce=true where the model has a trained TSPD controller, else threshold)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: the model's name)")
@@ -23,6 +24,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=2**20,
                    help="largest request body accepted, in bytes; larger ones get HTTP 413 (default 1 MiB)")
     p.add_argument("--cache", default="none", choices=("none", "prefix", "dual"), help="KV cache mode")
+    p.add_argument("--batching", default="continuous", choices=("continuous", "static"),
+                   help="continuous (default): requests join a running decode before any model call; "
+                        "static: each batch runs to completion while new requests wait")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.add_argument("--replicas", type=int, default=None,
                    help="N >= 2: serve on N Ray Serve replicas (one per GPU, else one per CPU), each with its own "
@@ -50,15 +54,17 @@ def run_serve(args) -> int:
         raise UnmaskError("unmask serve needs fastapi and uvicorn; install them with `pip install unmask[serve]`") from None
     if args.replicas is not None and args.replicas < 1:
         raise UnmaskError(f"--replicas must be at least 1, got {args.replicas}", field="replicas")
-    parse_strategy(args.strategy)  # a bad strategy fails before the model loads
+    if args.strategy != "auto":
+        parse_strategy(args.strategy)  # a bad strategy fails before the model loads
     if args.replicas is not None and args.replicas >= 2:
         return _run_replicated(args)
     model = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     engine = build_engine(model, strategy=args.strategy, max_batch_size=args.max_batch_size,
-                          max_queue=args.max_queue, cache=args.cache)
+                          max_queue=args.max_queue, cache=args.cache, batching=args.batching)
     name = args.served_model_name or model.name
     _warn_if_exposed(args.host)
-    print(f"unmask serve: {name} on http://{args.host}:{args.port}/v1 (default strategy {args.strategy})", flush=True)
+    print(f"unmask serve: {name} on http://{args.host}:{args.port}/v1 (default strategy {engine.config.strategy}, "
+          f"{engine.config.batching} batching)", flush=True)
     run_server(engine, args.host, args.port, model_name=name, log_level=args.log_level,
                max_body_bytes=args.max_body_bytes)
     return 0

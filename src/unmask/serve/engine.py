@@ -58,7 +58,7 @@ PROMPT_BUCKET = 32  # a continuous decode's prompt region: the longest starting 
 class EngineConfig:
     max_batch_size: int = 8  # sequences decoded together (active at once, in continuous batching)
     max_queue: int = 256  # requests waiting (not yet decoding); past it, submit raises QueueFull
-    strategy: str = "low_confidence"  # used when a request names none
+    strategy: str = "auto"  # used when a request names none; "auto": see `serving_default`
     cache: str = "none"
     batching: str = "continuous"  # "continuous": requests join a running decode; "static": whole batches
     max_run_rows: int | None = None  # sequences one continuous decode takes in (default 16 x max_batch_size)
@@ -166,6 +166,20 @@ def take_batch(queue: deque, max_batch_size: int, dropped: list | None = None) -
     return batch
 
 
+# `unmask serve`'s default: the fastest policy within 1 point of low_confidence on the built-in
+# model's test splits, measured on this project's 2-core CPU (README, "A fast default"); it needs a
+# trained TSPD controller beside the model, and a model without one gets Fast-dLLM's threshold
+FAST_DEFAULT = "tspd:ce=true"
+FALLBACK_DEFAULT = "threshold"
+
+
+def serving_default(model) -> str:
+    """The strategy "auto" stands for on `model`: FAST_DEFAULT if it can run there, else FALLBACK_DEFAULT."""
+    from unmask.decoding.registry import parse_strategy
+
+    return FAST_DEFAULT if parse_strategy(FAST_DEFAULT).unavailable(model) is None else FALLBACK_DEFAULT
+
+
 def take_joiners(queue: deque, first: Job, width: int, slots: int, dropped: list | None = None) -> list[Job]:
     """Waiting jobs that can join `first`'s running continuous decode now, oldest first, at most `slots`.
 
@@ -206,6 +220,8 @@ class Engine:
         if self.config.batching not in BATCHING:
             raise UnmaskError(f"batching must be one of {', '.join(BATCHING)}, got {self.config.batching!r}",
                               field="batching")
+        if self.config.strategy == "auto":
+            self.config.strategy = serving_default(model)
         parse_strategy(self.config.strategy)  # a bad default strategy fails at start, not per request
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
@@ -246,7 +262,7 @@ class Engine:
     def health(self) -> dict[str, Any]:
         batches = self.stats["batches"]
         return {"alive": self.alive, "waiting": self.waiting, "running": self.running,
-                "batching": self.config.batching,
+                "batching": self.config.batching, "default_strategy": self.config.strategy,
                 "max_batch_size": self.config.max_batch_size, "max_queue": self.config.max_queue,
                 "mean_batch": round(self.stats["batched_jobs"] / batches, 3) if batches else 0.0, **self.stats}
 

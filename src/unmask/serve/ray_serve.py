@@ -53,7 +53,7 @@ class ReplicaSettings:
     device: str | None = None
     dtype: str | None = None
     trust_remote_code: bool = False
-    strategy: str = "low_confidence"
+    strategy: str = "auto"  # as `unmask serve`: tspd:ce=true where a controller exists, else threshold
     max_batch_size: int = 8
     max_queue: int = 256
     cache: str = "none"

@@ -16,7 +16,7 @@ from unmask.serve.engine import Engine, EngineConfig
 from unmask.serve.protocol import DEFAULT_MAX_BODY_BYTES
 
 
-def build_engine(model, strategy: str = "low_confidence", max_batch_size: int = 8, max_queue: int = 256,
+def build_engine(model, strategy: str = "auto", max_batch_size: int = 8, max_queue: int = 256,
                  cache: str = "none", batching: str = "continuous") -> Engine:
     return Engine(model, EngineConfig(max_batch_size=max_batch_size, max_queue=max_queue, strategy=strategy, cache=cache,
                                       batching=batching))
