@@ -39,8 +39,9 @@ def _continuous(model, spec, cache, finished):
         joined.extend(JOIN_AT.get(calls["n"], []))
         return [(ids[i], SEEDS[i]) for i in JOIN_AT.get(calls["n"], [])]
 
-    width = max(len(x) for x in ids)
-    result = Decoder(model, policy, cfg).run([ids[0]], seeds=[SEEDS[0]], width=width, admit=admit,
+    # the first prompt is shorter than the third: its joining widens the prompt region mid-decode
+    assert len(ids[2]) > len(ids[0])
+    result = Decoder(model, policy, cfg).run([ids[0]], seeds=[SEEDS[0]], admit=admit,
                                              on_finish=lambda row, seq: finished.append((row, seq)))
     return result, joined
 
@@ -86,11 +87,12 @@ def test_the_oracle_refuses_joiners(model):
         Decoder(model, policy, cfg).run(ids, admit=lambda w, r: [])
 
 
-def test_a_joiner_longer_than_the_prompt_width_is_refused(model):
+def test_a_joiner_over_the_models_context_is_refused(model):
     cfg = DecodeConfig(gen_length=GEN, block_length=BLOCK).resolved(model.defaults)
-    short, long = encode_prompts(model, ["hi", PROMPTS[2]])
-    with pytest.raises(UnmaskError, match="does not fit"):
-        Decoder(model, parse_strategy("low_confidence"), cfg).run([short], admit=lambda w, r: [(long, 0)])
+    (short,) = encode_prompts(model, ["hi"])
+    too_long = short * (model.max_length // len(short))
+    with pytest.raises(UnmaskError, match="exceeds the model's context"):
+        Decoder(model, parse_strategy("low_confidence"), cfg).run([short], admit=lambda w, r: [(too_long, 0)])
 
 
 def test_grow_state_appends_rows_through_nested_structures():
@@ -105,3 +107,42 @@ def test_grow_state_appends_rows_through_nested_structures():
     assert grow_state(None, None) is None
     with pytest.raises(TypeError):
         grow_state(3, 4)
+
+
+@pytest.mark.parametrize("name", CONTINUOUS)
+def test_each_sequence_samples_at_its_own_temperature(model, name):
+    # one decode, four temperatures (the first sequence's is the policy's own, 0): each sequence
+    # decodes as it does alone with that temperature in its strategy
+    temps = [0.0, 0.8, 0.5, 0.0]
+    policy = parse_strategy(SPEC[name])
+    cfg = DecodeConfig(gen_length=GEN, block_length=BLOCK).resolved(model.defaults)
+    ids = encode_prompts(model, PROMPTS)
+    policy.prepare(model, ids, cfg)
+    calls = {"n": 0}
+    order = [0]
+
+    def admit(width, rows):
+        calls["n"] += 1
+        order.extend(JOIN_AT.get(calls["n"], []))
+        return [(ids[i], SEEDS[i], temps[i]) for i in JOIN_AT.get(calls["n"], [])]
+
+    result = Decoder(model, policy, cfg).run([ids[0]], seeds=[SEEDS[0]], width=max(map(len, ids)), admit=admit)
+    for row, i in enumerate(order):
+        spec = SPEC[name] + (("," if ":" in SPEC[name] else ":") + f"temperature={temps[i]}" if temps[i] else "")
+        alone = generate(model, [PROMPTS[i]], spec, gen_length=GEN, block_length=BLOCK, seed=SEEDS[i]).sequences[0]
+        assert result.sequences[row].tokens == alone.tokens, (name, i, temps[i])
+
+
+def test_temperatures_given_up_front_are_per_sequence(model):
+    # the sampled sequence's tokens differ from greedy's (not vacuous), each matches its own decode
+    cfg = DecodeConfig(gen_length=GEN, block_length=BLOCK).resolved(model.defaults)
+    ids = encode_prompts(model, PROMPTS[:2])
+    policy = parse_strategy("low_confidence")
+    policy.prepare(model, ids, cfg)  # resolves the schedule (Dream's on the Dream model)
+    result = Decoder(model, policy, cfg).run(ids, seeds=[5, 5], temperatures=[0.0, 1.5])
+    greedy = generate(model, [PROMPTS[1]], "low_confidence", gen_length=GEN, block_length=BLOCK, seed=5).sequences[0]
+    hot = generate(model, [PROMPTS[1]], "low_confidence:temperature=1.5", gen_length=GEN, block_length=BLOCK,
+                   seed=5).sequences[0]
+    assert result.sequences[1].tokens == hot.tokens != greedy.tokens
+    with pytest.raises(UnmaskError, match="temperatures"):
+        Decoder(model, parse_strategy("low_confidence"), cfg).run(ids, temperatures=[0.0])

@@ -1,5 +1,5 @@
 """Continuous batching through a running server and the official `openai` client: concurrent
-requests with distinct seeds share one running decode (joining it as slots free), and each answer
+requests with distinct seeds and temperatures share one running decode (joining it as slots free), and each answer
 equals a direct decode of the same request, with and without the KV cache."""
 
 import threading
@@ -18,7 +18,8 @@ from unmask.serve import build_engine, serve_in_thread  # noqa: E402
 
 PROMPTS = ["tom has 5 apples", "hello world", "what is 3 plus 4", "print x", "how many cats", "ann has 2 pens",
            "sam", "x = 3 . y = x + 1 . print y"]
-STRATEGIES = ["random", "threshold:tau=0.5,temperature=0.7", "psd:tau=0.5", "r2:tau=0.5"]
+STRATEGIES = ["random", "threshold:tau=0.5", "psd:tau=0.5", "r2:tau=0.5"]
+TEMPERATURES = [0.0, 0.7, 0.0, 1.2]  # the OpenAI temperature of request i: mixed within one decode
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,7 @@ def test_concurrent_requests_with_distinct_seeds_share_a_decode_and_match_direct
         def ask(i):
             try:
                 r = client.completions.create(model=model.name, prompt=PROMPTS[i], max_tokens=32,
+                                              temperature=TEMPERATURES[i % len(TEMPERATURES)],
                                               extra_body={"strategy": strategy, "seed": 100 + i, "gen_length": 32,
                                                           "block_length": 8})
                 answers[i] = (r.choices[0].text, r.model_extra["unmask"])
@@ -54,13 +56,15 @@ def test_concurrent_requests_with_distinct_seeds_share_a_decode_and_match_direct
         health = engine.health()
     assert not errors, errors
     for i, prompt in enumerate(PROMPTS):
-        seq = generate(model, [prompt], strategy, chat=False, seed=100 + i, gen_length=32, block_length=8,
+        t = TEMPERATURES[i % len(TEMPERATURES)]
+        spec = strategy + ((("," if ":" in strategy else ":") + f"temperature={t}") if t else "")
+        seq = generate(model, [prompt], spec, chat=False, seed=100 + i, gen_length=32, block_length=8,
                        cache=cache).sequences[0]
         text, stats = answers[i]
         assert text == seq.text, (i, strategy)
         # a sequence whose answer can no longer change leaves the decode early: never more calls
         assert 1 <= stats["nfe"] <= seq.nfe and stats["seed"] == 100 + i
-    # eight requests with eight seeds, three slots: fewer decodes than requests, none over 3 at once
+    # eight requests with eight seeds and three temperatures, three slots: fewer decodes than requests, none over 3 at once
     assert health["batching"] == "continuous"
     assert health["batches"] < len(PROMPTS) and health["max_batch"] <= 3
     assert health["completed"] == len(PROMPTS)
@@ -79,7 +83,24 @@ def test_static_batching_splits_by_seed(model):
     assert take_batch(deque(jobs), 8) == jobs  # continuous: any seed
 
 
-def _request(prompt, seed):
+def test_joiners_never_pass_a_waiting_request_of_another_kind(model):
+    from collections import deque
+
+    from unmask.serve.engine import take_joiners
+
+    engine = build_engine(model, max_batch_size=8)
+    running = engine.prepare(_request("hi", 1))
+    a = engine.prepare(_request("ho", 2))                      # same kind, other seed: joins
+    other = engine.prepare(_request("hu", 3, gen_length=8))    # another canvas length: another kind
+    c = engine.prepare(_request("ha", 4))                      # same kind, but behind `other`
+    queue = deque([a, other, c])
+    assert take_joiners(queue, running, slots=8) == [a]
+    assert list(queue) == [other, c]  # the decode drains; `other` starts the next one
+    queue = deque([a, c])
+    assert take_joiners(queue, running, slots=1) == [a] and list(queue) == [c]  # one free slot
+
+
+def _request(prompt, seed, **kw):
     from unmask.serve.engine import GenerationRequest
 
-    return GenerationRequest(prompt, chat=False, seed=seed, strategy="threshold")
+    return GenerationRequest(prompt, chat=False, seed=seed, strategy="threshold", **kw)

@@ -123,11 +123,12 @@ def token_stats(logits: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def _gumbel_candidates(logits: torch.Tensor, temperature: float, generators: list[torch.Generator]) -> torch.Tensor:
-    """Argmax of logits / T plus Gumbel noise drawn from each row's own generator. logits: (b, L, V)."""
+def _gumbel_candidates(logits: torch.Tensor, temperature: list[float], generators: list[torch.Generator]) -> torch.Tensor:
+    """Argmax of logits / T plus Gumbel noise drawn from each row's own generator, T per row. logits: (b, L, V)."""
     noise = torch.stack([torch.rand(logits.shape[1:], generator=g, dtype=torch.float64) for g in generators])
     gumbel = -torch.log(-torch.log(noise.clamp(min=1e-20)))
-    return (logits.double() / temperature + gumbel.to(logits.device)).argmax(-1)
+    t = torch.tensor(temperature, dtype=torch.float64, device=logits.device)[:, None, None]
+    return (logits.double() / t + gumbel.to(logits.device)).argmax(-1)
 
 
 class Decoder:
@@ -147,14 +148,16 @@ class Decoder:
 
     @torch.inference_mode()
     def run(self, prompt_ids: list[list[int]], seeds: list[int] | None = None, width: int | None = None,
-            admit: Callable[[int, int], list[tuple[list[int], int]]] | None = None,
+            admit: Callable[[int, int], list[tuple]] | None = None, temperatures: list[float] | None = None,
             on_finish: Callable[[int, SequenceResult], None] | None = None) -> DecodeResult:
         """Decode `prompt_ids`; with `admit`, sequences may also join the decode at step boundaries.
 
-        `seeds`: each sequence's seed (default: the config's seed for all). `width`: the prompt
-        region's width (left padded; default the longest prompt). Continuous batching:
-        `admit(width, rows_so_far)` is called before every model call after the first and returns
-        the (prompt ids, seed) pairs that join now; each must fit the prompt width. A joining
+        `seeds`: each sequence's seed (default: the config's seed for all); `temperatures`: each
+        sequence's sampling temperature (default: the policy's). `width`: the prompt region's width
+        (left padded; default the longest prompt). Continuous batching: `admit(width, rows_so_far)`
+        is called before every model call after the first and returns the sequences that join now,
+        as (prompt ids, seed) or (prompt ids, seed, temperature); a joiner longer than the prompt
+        region widens it (more left padding for every row, and for the cache's stored keys). A joining
         sequence gets its own canvas row, generator, counters and policy state, so it decodes to the
         same tokens as it would alone. `on_finish(row, result)` hears of each sequence as soon as it
         leaves the batch; the returned `DecodeResult` holds every sequence, in the order they joined.
@@ -165,6 +168,10 @@ class Decoder:
         seeds = [int(cfg.seed)] * len(prompt_ids) if seeds is None else [int(x) for x in seeds]
         if len(seeds) != len(prompt_ids):
             raise UnmaskError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts", field="seed")
+        own_temperature = float(getattr(policy.config, "temperature", 0.0))
+        temps = [own_temperature] * len(prompt_ids) if temperatures is None else [float(t) for t in temperatures]
+        if len(temps) != len(prompt_ids) or any(not t >= 0 for t in temps):
+            raise UnmaskError("temperatures: one number >= 0 per prompt", field="temperature")
         if admit is not None and not policy.continuous:
             raise UnmaskError(f"strategy {policy.name} cannot take sequences into a running decode "
                               "(it prepares per batch); decode it in static batches", field="strategy")
@@ -230,15 +237,26 @@ class Decoder:
         while bool(active.any()):
             joining = admit(prompt_len, batch) if admit is not None and step > 0 else []
             if joining:
-                for ids, _ in joining:
-                    if len(ids) > prompt_len:
-                        raise UnmaskError(f"a joining prompt of {len(ids)} tokens does not fit the running "
-                                          f"decode's prompt width {prompt_len}", field="prompt")
+                longest = max(len(j[0]) for j in joining)
+                if longest > prompt_len:  # widen the prompt region: more left padding for everyone
+                    if longest + gen > model.max_length:
+                        raise UnmaskError(f"a joining prompt of {longest} tokens plus gen_length {gen} exceeds the "
+                                          f"model's context of {model.max_length}", field="prompt")
+                    delta = longest - prompt_len
+                    canvas = torch.cat([torch.full((batch, delta), model.pad_id, dtype=canvas.dtype, device=device),
+                                        canvas], dim=1)
+                    attention = torch.cat([torch.zeros((batch, delta), dtype=torch.bool, device=device), attention],
+                                          dim=1)
+                    positions = model.position_ids(attention)
+                    if cache is not None:
+                        cache.widen(delta, attention)
+                    prompt_len = longest
                 n = len(joining)
-                new_ids = [list(ids) for ids, _ in joining]
+                new_ids = [list(j[0]) for j in joining]
                 prompt_ids += new_ids
-                seeds += [int(seed) for _, seed in joining]
-                generators += [torch.Generator().manual_seed(int(seed)) for _, seed in joining]
+                seeds += [int(j[1]) for j in joining]
+                temps += [float(j[2]) if len(j) > 2 and j[2] is not None else own_temperature for j in joining]
+                generators += [torch.Generator().manual_seed(int(j[1])) for j in joining]
                 c, a, pos = self._canvas_rows(new_ids, prompt_len, gen)
                 canvas, attention, positions = (torch.cat([canvas, c]), torch.cat([attention, a]),
                                                 torch.cat([positions, pos]))
@@ -273,10 +291,16 @@ class Decoder:
             gen_top1 = known_top1[idx]  # (b, gen)
             stats = token_stats(blk_logits)
             full = {k: v[idx] for k, v in known_stats.items()} if known_stats is not None else None
-            temperature = float(getattr(policy.config, "temperature", 0.0))
             row_gens = [generators[i] for i in idx.tolist()]
-            if temperature > 0:
-                candidate = _gumbel_candidates(blk_logits, temperature, row_gens)
+            row_temps = [temps[i] for i in idx.tolist()]
+            sampled = [j for j, t in enumerate(row_temps) if t > 0]  # rows that sample draw from their generator
+            if len(sampled) == b:
+                candidate = _gumbel_candidates(blk_logits, row_temps, row_gens)
+                confidence = stats["log_probs"].gather(-1, candidate[..., None]).squeeze(-1).exp()
+            elif sampled:
+                candidate = stats["top1"].clone()
+                candidate[sampled] = _gumbel_candidates(blk_logits[sampled], [row_temps[j] for j in sampled],
+                                                        [row_gens[j] for j in sampled])
                 confidence = stats["log_probs"].gather(-1, candidate[..., None]).squeeze(-1).exp()
             else:
                 candidate, confidence = stats["top1"], stats["top1_prob"]

@@ -47,6 +47,14 @@ class KVCache:
         self.batch_size = key_mask.shape[0]
         self.key_mask = key_mask
 
+    def widen(self, delta: int, key_mask: torch.Tensor) -> None:
+        """`delta` more padding positions on the left of every canvas (a longer prompt joined)."""
+        for store in (self.keys, self.values):
+            for layer, t in store.items():
+                pad = torch.zeros(t.shape[:2] + (delta,) + t.shape[3:], dtype=t.dtype, device=t.device)
+                store[layer] = torch.cat([pad, t], dim=2)
+        self.key_mask = key_mask
+
     # -- set by the loop before each call -------------------------------------------------------
     def fill(self, rows: torch.Tensor) -> "KVCache":
         self.rows, self.query_pos, self.read_only = rows, None, False

@@ -10,12 +10,11 @@ context), queued in a bounded queue, and decoded by one worker thread with the o
 Batching decisions live in two places. `take_batch` starts a decode: the oldest waiting request and
 every other waiting request that can share it, up to `max_batch_size`. With `batching="continuous"`
 (the default) requests share a decode when they agree on strategy, params, gen/block length and
-cache mode, whatever their seeds, `max_tokens` and `stop`; `take_joiners` then lets waiting
+cache mode, whatever their seeds, sampling temperatures, `max_tokens` and `stop`; `take_joiners` then lets waiting
 requests join the running decode before each model call, as soon as a slot is free (a finished
 sequence leaves the batch at once and its answer is sent), so a request waits at most one model
-call for a slot rather than a whole batch. The decode's prompt region is the longest starting
-prompt rounded up to a multiple of `PROMPT_BUCKET` tokens (left padding: a joiner must fit it;
-a longer prompt waits for the next decode), and a decode takes in at most `max_run_rows`
+call for a slot rather than a whole batch. Prompts are left padded to the longest in the decode (a
+longer joiner widens the prompt region of every row), and a decode takes in at most `max_run_rows`
 sequences before it drains, so requests of other kinds are not starved. Each sequence has its own
 generator, counters and policy state, so a request decodes to the same tokens whatever joins or
 leaves around it. A policy that prepares per batch (the oracle) and `batching="static"` decode
@@ -51,7 +50,6 @@ class EngineStopped(Exception):
 
 
 BATCHING = ("continuous", "static")
-PROMPT_BUCKET = 32  # a continuous decode's prompt region: the longest starting prompt, rounded up to this
 
 
 @dataclass
@@ -92,8 +90,10 @@ class BatchKey:
     cache: str
 
     def shared(self) -> tuple:
-        """What a continuous decode's sequences must agree on: everything but the seed."""
-        return (self.strategy, self.params, self.gen_length, self.block_length, self.cache)
+        """What a continuous decode's sequences must agree on: everything but the seed and the
+        sampling temperature (each sequence samples with its own)."""
+        params = {k: v for k, v in json.loads(self.params).items() if k != "temperature"}
+        return (self.strategy, json.dumps(params, sort_keys=True), self.gen_length, self.block_length, self.cache)
 
 
 @dataclass
@@ -140,30 +140,40 @@ class Job:
         return self.cancel_event.is_set()
 
 
-def take_batch(queue: deque, max_batch_size: int, dropped: list | None = None) -> list[Job]:
-    """The one batching decision: the oldest live job and the waiting jobs that can share its decode.
-
-    Removes the chosen jobs (and any cancelled ones met on the way, appended to `dropped`) from
-    `queue`; the others keep their order.
-    """
-    batch: list[Job] = []
+def _take(queue: deque, accept: Callable[[Job, list[Job]], bool], dropped: list | None) -> list[Job]:
+    """Remove from `queue`, oldest first, the live jobs `accept(job, chosen so far)` takes, and the
+    cancelled ones met on the way (appended to `dropped`); the others keep their order."""
+    chosen: list[Job] = []
     kept: deque = deque()
     while queue:
         job = queue.popleft()
         if job.cancelled:
             if dropped is not None:
                 dropped.append(job)
-            continue
-        if batch and batch[0].continuous:
-            fits = job.continuous and job.key.shared() == batch[0].key.shared()
-        else:
-            fits = bool(batch) and job.key == batch[0].key
-        if not batch or (fits and len(batch) < max_batch_size):
-            batch.append(job)
+        elif accept(job, chosen):
+            chosen.append(job)
         else:
             kept.append(job)
     queue.extend(kept)
-    return batch
+    return chosen
+
+
+def take_batch(queue: deque, max_batch_size: int, dropped: list | None = None) -> list[Job]:
+    """The one batching decision: the oldest live job and the waiting jobs that can share its decode.
+
+    Removes the chosen jobs (and any cancelled ones met on the way, appended to `dropped`) from
+    `queue`; the others keep their order.
+    """
+    def accept(job: Job, batch: list[Job]) -> bool:
+        if not batch:
+            return True
+        if batch[0].continuous:
+            fits = job.continuous and job.key.shared() == batch[0].key.shared()
+        else:
+            fits = job.key == batch[0].key
+        return fits and len(batch) < max_batch_size
+
+    return _take(queue, accept, dropped)
 
 
 # `unmask serve`'s default: the fastest policy within 1 point of low_confidence on the built-in
@@ -180,26 +190,28 @@ def serving_default(model) -> str:
     return FAST_DEFAULT if parse_strategy(FAST_DEFAULT).unavailable(model) is None else FALLBACK_DEFAULT
 
 
-def take_joiners(queue: deque, first: Job, width: int, slots: int, dropped: list | None = None) -> list[Job]:
+def _temperature(job: Job) -> float:
+    return float(job.params.get("temperature", 0.0) or 0.0)
+
+
+def take_joiners(queue: deque, first: Job, slots: int, dropped: list | None = None) -> list[Job]:
     """Waiting jobs that can join `first`'s running continuous decode now, oldest first, at most `slots`.
 
-    A joiner agrees with `first` on everything but the seed and its prompt fits the decode's width.
-    Removes them (and cancelled jobs met on the way, appended to `dropped`) from `queue`.
+    A joiner agrees with `first` on everything but the seed and the temperature (a longer prompt
+    widens the decode's prompt region), and waits ahead of every job of another kind: once one of
+    those is waiting, nothing more joins, the decode drains and that job starts the next one (so a
+    request of another kind waits at most one decode). Removes them (and cancelled jobs met on the
+    way, appended to `dropped`).
     """
-    joiners: list[Job] = []
-    kept: deque = deque()
-    while queue:
-        job = queue.popleft()
-        if job.cancelled:
-            if dropped is not None:
-                dropped.append(job)
-        elif (len(joiners) < slots and job.continuous and job.key.shared() == first.key.shared()
-              and len(job.prompt_ids) <= width):
-            joiners.append(job)
-        else:
-            kept.append(job)
-    queue.extend(kept)
-    return joiners
+    blocked = []  # first-come first-served: nothing joins past a waiting job of another kind
+
+    def accept(job: Job, joiners: list[Job]) -> bool:
+        fits = job.continuous and job.key.shared() == first.key.shared()
+        if not fits:
+            blocked.append(job)
+        return not blocked and fits and len(joiners) < slots
+
+    return _take(queue, accept, dropped)
 
 
 class Engine:
@@ -441,8 +453,6 @@ class Engine:
         jobs: list[Job] = list(first)  # by row of the decode
         joined_at = [time.perf_counter()] * len(jobs)
         left: set[int] = set()
-        longest = max(len(job.prompt_ids) for job in jobs)
-        width = min(-(-longest // PROMPT_BUCKET) * PROMPT_BUCKET, self.model.max_length - key.gen_length)
         self.stats["batches"] += 1
         self._count_batch(len(jobs))
 
@@ -454,7 +464,7 @@ class Engine:
             with self._cond:
                 if self._stopping:
                     return []
-                joiners = take_joiners(self._queue, jobs[0], width, slots, dropped)
+                joiners = take_joiners(self._queue, jobs[0], slots, dropped)
                 self.stats["cancelled"] += len(dropped)
             for job in dropped:
                 self._emit(job, Event("cancelled"))
@@ -463,7 +473,7 @@ class Engine:
             joined_at.extend([now] * len(joiners))
             self.running = len(jobs) - len(left)
             self._count_batch(self.running, joined=len(joiners))
-            return [(job.prompt_ids, job.key.seed) for job in joiners]
+            return [(job.prompt_ids, job.key.seed, _temperature(job)) for job in joiners]
 
         def on_block(row: int, block_index: int, tokens: list[int]) -> None:
             delta = jobs[row].tracker.update(tokens)
@@ -484,8 +494,8 @@ class Engine:
                                   seed=key.seed).resolved(self.model.defaults)
             policy.prepare(self.model, [job.prompt_ids for job in jobs], config)
             Decoder(self.model, policy, config, on_block=on_block, cancelled=cancelled).run(
-                [job.prompt_ids for job in jobs], seeds=[job.key.seed for job in jobs], width=width,
-                admit=admit, on_finish=on_finish)
+                [job.prompt_ids for job in jobs], seeds=[job.key.seed for job in jobs],
+                temperatures=[_temperature(job) for job in jobs], admit=admit, on_finish=on_finish)
         except Exception as exc:
             self._fail([job for row, job in enumerate(jobs) if row not in left], exc,
                        rows=[row for row in range(len(jobs)) if row not in left])
