@@ -26,7 +26,9 @@ def _controller(tmp_path_factory):
     SPEC["tspd"] = f"tspd:tau=0.5,ce=true,controller={write_tiny_controller(tmp_path_factory.mktemp('c'))}"
 
 
-def _continuous(model, spec, cache, finished):
+def _continuous(model, spec, cache, finished, temps=None):
+    """Prompt 0 starts a decode; the others join as JOIN_AT says (with `temps[i]`, if given).
+    Returns the result and the prompt index of each row."""
     policy = parse_strategy(spec)
     cfg = DecodeConfig(gen_length=GEN, block_length=BLOCK, cache=cache).resolved(model.defaults)
     ids = encode_prompts(model, PROMPTS)
@@ -37,7 +39,7 @@ def _continuous(model, spec, cache, finished):
     def admit(width, rows):
         calls["n"] += 1
         joined.extend(JOIN_AT.get(calls["n"], []))
-        return [(ids[i], SEEDS[i]) for i in JOIN_AT.get(calls["n"], [])]
+        return [(ids[i], SEEDS[i]) + ((temps[i],) if temps else ()) for i in JOIN_AT.get(calls["n"], [])]
 
     # the first prompt is shorter than the third: its joining widens the prompt region mid-decode
     assert len(ids[2]) > len(ids[0])
@@ -114,19 +116,7 @@ def test_each_sequence_samples_at_its_own_temperature(model, name):
     # one decode, four temperatures (the first sequence's is the policy's own, 0): each sequence
     # decodes as it does alone with that temperature in its strategy
     temps = [0.0, 0.8, 0.5, 0.0]
-    policy = parse_strategy(SPEC[name])
-    cfg = DecodeConfig(gen_length=GEN, block_length=BLOCK).resolved(model.defaults)
-    ids = encode_prompts(model, PROMPTS)
-    policy.prepare(model, ids, cfg)
-    calls = {"n": 0}
-    order = [0]
-
-    def admit(width, rows):
-        calls["n"] += 1
-        order.extend(JOIN_AT.get(calls["n"], []))
-        return [(ids[i], SEEDS[i], temps[i]) for i in JOIN_AT.get(calls["n"], [])]
-
-    result = Decoder(model, policy, cfg).run([ids[0]], seeds=[SEEDS[0]], width=max(map(len, ids)), admit=admit)
+    result, order = _continuous(model, SPEC[name], "none", [], temps)
     for row, i in enumerate(order):
         spec = SPEC[name] + (("," if ":" in SPEC[name] else ":") + f"temperature={temps[i]}" if temps[i] else "")
         alone = generate(model, [PROMPTS[i]], spec, gen_length=GEN, block_length=BLOCK, seed=SEEDS[i]).sequences[0]
