@@ -234,6 +234,13 @@ class Decoder:
         step = 0
         start = time.perf_counter()
 
+        def result(row: int, redundant: float | None = None) -> SequenceResult:
+            """Sequence `row`'s result as it stands (the closure sees the decode's current tensors)."""
+            if redundant is None:  # one sequence leaving mid-decode
+                redundant = float(self._temporal_redundancy(history, gen_view, batch)[row])
+            return self._sequence(row, prompt_ids[row], gen_view, nfe, rows_count, finish_s, stopped_early,
+                                  row in cancelled_rows, recorder, commit_step, events, redundant)
+
         while bool(active.any()):
             joining = admit(prompt_len, batch) if admit is not None and step > 0 else []
             if joining:
@@ -262,8 +269,8 @@ class Decoder:
                                                 torch.cat([positions, pos]))
                 gen_view = canvas[:, prompt_len:]
 
-                def more(t, fill):  # t grown by n rows of `fill`
-                    return torch.cat([t, torch.full((n,) + tuple(t.shape[1:]), fill, dtype=t.dtype, device=t.device)])
+                def more(t, fill):
+                    return _with_rows(t, n, fill)
 
                 block_idx, block_step, active = more(block_idx, 0), more(block_step, 0), more(active, True)
                 nfe, rows_count, stopped_early, row_step = more(nfe, 0), more(rows_count, 0), more(stopped_early, False), more(row_step, 0)
@@ -422,9 +429,7 @@ class Decoder:
                     finish_s[finished.cpu().numpy()] = time.perf_counter() - start
                     if on_finish is not None:
                         for row in finished.tolist():
-                            on_finish(row, self._sequence(row, prompt_ids, gen_view, nfe, rows_count, finish_s,
-                                                          stopped_early, cancelled_rows, recorder, commit_step,
-                                                          events, history))
+                            on_finish(row, result(row))
                 if self.on_block is not None:
                     for row in done_rows.tolist():
                         end = gen if bool(stopped_early[row]) else int(block_idx[row]) * block_len
@@ -437,16 +442,14 @@ class Decoder:
                         pending.pop(row, None)
                         finish_s[row] = time.perf_counter() - start
                         if on_finish is not None:
-                            on_finish(row, self._sequence(row, prompt_ids, gen_view, nfe, rows_count, finish_s,
-                                                          stopped_early, cancelled_rows, recorder, commit_step,
-                                                          events, history))
+                            on_finish(row, result(row))
             step += 1
             if self.progress is not None:
                 self.progress(step)
 
         wall = time.perf_counter() - start
-        sequences = [self._sequence(row, prompt_ids, gen_view, nfe, rows_count, finish_s, stopped_early, cancelled_rows,
-                                    recorder, commit_step, events, history) for row in range(batch)]
+        redundant = self._temporal_redundancy(history, gen_view, batch)
+        sequences = [result(row, float(redundant[row])) for row in range(batch)]
         return DecodeResult(sequences=sequences, wall_s=wall, strategy=policy.name, params=policy.params, config=cfg,
                             extras=dict(self._seconds))
 
@@ -462,19 +465,16 @@ class Decoder:
         canvas[:, prompt_len:] = model.mask_id
         return canvas, attention, model.position_ids(attention)
 
-    def _sequence(self, row, prompt_ids, gen_view, nfe, rows_count, finish_s, stopped_early, cancelled_rows, recorder,
-                  commit_step, events, history) -> SequenceResult:
+    def _sequence(self, row, prompt_ids, gen_view, nfe, rows_count, finish_s, stopped_early, cancelled: bool, recorder,
+                  commit_step, events, redundant: float) -> SequenceResult:
         """One sequence's result, as it stands (it has left the batch, or the decode is over)."""
         model = self.model
         tokens = gen_view[row].tolist()
         stop_set = set(model.stop_ids)
         cut = next((i for i, t in enumerate(tokens) if t in stop_set), len(tokens))
         answer = tokens[:cut]
-        mine = [(rows == row, top1, still) for rows, top1, still in history]
-        redundant = sum(int((still[sel] & (top1[sel] == gen_view[row])).sum()) for sel, top1, still in mine
-                        if bool(sel.any()))
         return SequenceResult(
-            prompt_ids=list(prompt_ids[row]),
+            prompt_ids=list(prompt_ids),
             tokens=tokens,
             answer_ids=answer,
             text=model.tokenizer.decode(answer),
@@ -483,7 +483,7 @@ class Decoder:
             decided=sum(t != model.mask_id for t in tokens),
             latency_s=float(finish_s[row]),
             stopped_early=bool(stopped_early[row]),
-            cancelled=row in cancelled_rows,
+            cancelled=cancelled,
             trace=recorder.build(row, commit_step[row].cpu().numpy()) if recorder is not None else None,
             events={**events[row], "temporal_redundant_steps": float(redundant)},
         )
@@ -681,6 +681,15 @@ class Decoder:
         return accepted, next_logits, events
 
     @staticmethod
+    def _temporal_redundancy(history, gen_view, batch: int) -> torch.Tensor:
+        """Per sequence: steps x positions still masked after a step whose top-1 already was the final token."""
+        total = torch.zeros(batch, dtype=torch.long, device=gen_view.device)
+        for rows, top1, still_masked in history:
+            hit = still_masked & (top1 == gen_view[rows])
+            total.index_add_(0, rows, hit.sum(-1))
+        return total.cpu()
+
+    @staticmethod
     def _stop_rule(rows, gen_view, gen_top1, block_idx, block_len, stop_ids, stopped_early) -> None:
         """A finished block holding a committed stop token, with only stop tokens predicted for every
         later masked position, ends the decode: those positions are filled with their predictions."""
@@ -698,6 +707,11 @@ class Decoder:
             filled = torch.where(later[fire], gen_top1[fire], tokens[fire])
             gen_view[fill_rows] = filled
             stopped_early[fill_rows.cpu()] = True
+
+
+def _with_rows(t: torch.Tensor, n: int, fill) -> torch.Tensor:
+    """`t` with `n` more rows (first dimension) of `fill`."""
+    return torch.cat([t, torch.full((n,) + tuple(t.shape[1:]), fill, dtype=t.dtype, device=t.device)])
 
 
 def grow_state(state: Any, more: Any) -> Any:

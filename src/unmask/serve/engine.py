@@ -14,8 +14,8 @@ cache mode, whatever their seeds, sampling temperatures, `max_tokens` and `stop`
 requests join the running decode before each model call, as soon as a slot is free (a finished
 sequence leaves the batch at once and its answer is sent), so a request waits at most one model
 call for a slot rather than a whole batch. Prompts are left padded to the longest in the decode (a
-longer joiner widens the prompt region of every row), and a decode takes in at most `max_run_rows`
-sequences before it drains, so requests of other kinds are not starved. Each sequence has its own
+longer joiner widens the prompt region of every row); nothing joins past a waiting request of
+another kind (first come, first served), and a decode takes in at most `max_run_rows` sequences. Each sequence has its own
 generator, counters and policy state, so a request decodes to the same tokens whatever joins or
 leaves around it. A policy that prepares per batch (the oracle) and `batching="static"` decode
 each batch to completion, requests arriving meanwhile waiting for the next one (seeds must agree
@@ -400,63 +400,32 @@ class Engine:
                 self.stats["cancelled"] += len(dropped)  # their clients left while they waited
             for job in dropped:
                 self._emit(job, Event("cancelled"))
-            if batch and batch[0].continuous:
-                self._decode_continuous(batch)
-            elif batch:
+            if batch:
                 self._decode(batch)
             self.running = 0
         for job in leftover:
             self._emit(job, Event("error", status=503, message="the server is shutting down; retry later"))
 
-    def _decode(self, batch: list[Job]) -> None:
-        from unmask.decoding.loop import generate
-        from unmask.decoding.registry import build_policy
-
-        key = batch[0].key
-        self.stats["batches"] += 1
-        self.stats["batched_jobs"] += len(batch)
-        self.stats["max_batch"] = max(self.stats["max_batch"], len(batch))
-        started = time.perf_counter()
-
-        def on_block(row: int, block_index: int, tokens: list[int]) -> None:
-            job = batch[row]
-            delta = job.tracker.update(tokens)
-            if delta:
-                self._emit(job, Event("delta", text=delta))
-
-        def cancelled(row: int) -> bool:
-            # a client that left, or an answer that can no longer change: the row leaves the batch
-            return batch[row].cancelled or batch[row].tracker.done
-
-        try:
-            policy = build_policy(key.strategy, batch[0].params)
-            result = generate(
-                self.model, [job.prompt_ids for job in batch], policy, chat=False,
-                gen_length=key.gen_length, block_length=key.block_length, seed=key.seed, cache=key.cache,
-                on_block=on_block, cancelled=cancelled,
-            )
-        except Exception as exc:
-            self._fail(batch, exc)
-            return
-        for job, seq in zip(batch, result.sequences):
-            self._complete(job, seq, started, len(batch))
-
-    def _decode_continuous(self, first: list[Job]) -> None:
-        """One continuous decode: `first` starts it, waiting jobs join before each model call."""
+    def _decode(self, first: list[Job]) -> None:
+        """One decode of `first`. Continuous jobs: waiting jobs join before each model call and each
+        answer is sent as soon as its sequence leaves; static: the batch runs to completion and the
+        answers are sent together at the end."""
         from unmask.decoding.config import DecodeConfig
         from unmask.decoding.loop import Decoder
         from unmask.decoding.registry import build_policy
 
         key = first[0].key
         cfg = self.config
+        continuous = first[0].continuous
         limit = cfg.max_run_rows or 16 * cfg.max_batch_size
         jobs: list[Job] = list(first)  # by row of the decode
         joined_at = [time.perf_counter()] * len(jobs)
         left: set[int] = set()
+        finished: list[tuple[int, Any]] = []  # static: (row, result), answered when the batch ends
         self.stats["batches"] += 1
         self._count_batch(len(jobs))
 
-        def admit(width: int, rows: int) -> list[tuple[list[int], int]]:
+        def admit(width: int, rows: int) -> list[tuple[list[int], int, float]]:
             slots = min(cfg.max_batch_size - (rows - len(left)), limit - rows)
             if slots <= 0:
                 return []
@@ -481,10 +450,14 @@ class Engine:
                 self._emit(jobs[row], Event("delta", text=delta))
 
         def cancelled(row: int) -> bool:
+            # a client that left, or an answer that can no longer change: the row leaves the batch
             return jobs[row].cancelled or jobs[row].tracker.done
 
         def on_finish(row: int, seq) -> None:
             left.add(row)
+            if not continuous:
+                finished.append((row, seq))
+                return
             self.running = len(jobs) - len(left)
             self._complete(jobs[row], seq, joined_at[row], len(jobs) - len(left) + 1)
 
@@ -495,10 +468,14 @@ class Engine:
             policy.prepare(self.model, [job.prompt_ids for job in jobs], config)
             Decoder(self.model, policy, config, on_block=on_block, cancelled=cancelled).run(
                 [job.prompt_ids for job in jobs], seeds=[job.key.seed for job in jobs],
-                temperatures=[_temperature(job) for job in jobs], admit=admit, on_finish=on_finish)
+                temperatures=[_temperature(job) for job in jobs], admit=admit if continuous else None,
+                on_finish=on_finish)
         except Exception as exc:
-            self._fail([job for row, job in enumerate(jobs) if row not in left], exc,
-                       rows=[row for row in range(len(jobs)) if row not in left])
+            unfinished = [row for row in range(len(jobs)) if row not in left or not continuous]
+            self._fail([jobs[row] for row in unfinished], exc, rows=unfinished)
+            return
+        for row, seq in sorted(finished):
+            self._complete(jobs[row], seq, joined_at[row], len(jobs))
 
     def _count_batch(self, size: int, joined: int | None = None) -> None:
         self.stats["batched_jobs"] += size if joined is None else joined
