@@ -99,9 +99,13 @@ def step_features(
     block_step: torch.Tensor,  # (n,) calls already made in this block
     block_start: torch.Tensor,  # (n,) generation index of the block's first position
     block_length: int,
-    gen_length: int,
+    gen_length: int | torch.Tensor,  # the generation's length, or each row's own (n,)
 ) -> torch.Tensor:
-    """The features of every block position at one call: (n, block, len(FEATURE_NAMES)), float32."""
+    """The features of every block position at one call: (n, block, len(FEATURE_NAMES)), float32.
+
+    `gen_offset` is relative to each row's own generation: in a decode that mixes generation
+    lengths, a sequence's features are those it has alone.
+    """
     confidence, margin, entropy = confidence.float(), margin.float(), entropy.float()
     device = confidence.device
     n, length = confidence.shape
@@ -112,7 +116,8 @@ def step_features(
 
     offset = torch.arange(length, device=device)
     block_offset = (offset.float() / max(length - 1, 1)).expand(n, length)
-    gen_offset = (block_start[:, None] + offset).float() / max(gen_length - 1, 1)
+    last = torch.as_tensor(gen_length, device=device).reshape(-1, 1) - 1  # (n, 1) or (1, 1)
+    gen_offset = (block_start[:, None] + offset).float() / last.clamp(min=1).float()
     decided = ~masked
     # nearest decided position strictly left of i (-1: the block's left neighbour, always decided)
     at_or_before = torch.where(decided, offset, torch.full_like(offset, -1)).cummax(-1).values
@@ -203,7 +208,7 @@ class FeatureTracker:
             view.top1_prob, view.margin, view.entropy, conf_hist, margin_hist, view.stable,
             has_previous=view.block_step > 0,
             masked=view.masked, block_step=view.block_step, block_start=pos[:, 0],
-            block_length=view.block_length, gen_length=view.gen_length,
+            block_length=view.block_length, gen_length=view.row_gen_length,
         )
         previous = state["features"][rows, pos]  # (b, block, window-1, F)
         windows = fill_window(features, previous)

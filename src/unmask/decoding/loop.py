@@ -1,7 +1,7 @@
 """The one decode loop.
 
 Every strategy in unmask runs here: the loop builds the canvas (prompt + `gen_length` masks, left
-padded into a batch), calls the model, turns logits into per-position statistics, asks the policy
+padded into a batch, and right padded when sequences have different gen_lengths), calls the model, turns logits into per-position statistics, asks the policy
 which positions to commit, writes them, advances blocks, applies the stop rule, records the trace
 and counts NFE, rows and time. It is the only place that calls the model during decoding and the
 only place that counts, and the one place logits are checked: NaN or infinite logits at a
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -123,9 +123,17 @@ def token_stats(logits: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def _gumbel_candidates(logits: torch.Tensor, temperature: list[float], generators: list[torch.Generator]) -> torch.Tensor:
-    """Argmax of logits / T plus Gumbel noise drawn from each row's own generator, T per row. logits: (b, L, V)."""
-    noise = torch.stack([torch.rand(logits.shape[1:], generator=g, dtype=torch.float64) for g in generators])
+def _gumbel_candidates(logits: torch.Tensor, temperature: list[float], generators: list[torch.Generator],
+                       widths: list[int] | None = None) -> torch.Tensor:
+    """Argmax of logits / T plus Gumbel noise drawn from each row's own generator, T per row. logits: (b, L, V).
+
+    `widths[j]`: the positions row j draws noise for (its own block; the default all L); the rest
+    get a fixed 0.5, so a row draws the numbers it draws alone."""
+    length, vocab = logits.shape[1:]
+    widths = [length] * len(generators) if widths is None else widths
+    noise = torch.full((len(generators), length, vocab), 0.5, dtype=torch.float64)
+    for j, (g, width) in enumerate(zip(generators, widths)):
+        noise[j, :width] = torch.rand((width, vocab), generator=g, dtype=torch.float64)
     gumbel = -torch.log(-torch.log(noise.clamp(min=1e-20)))
     t = torch.tensor(temperature, dtype=torch.float64, device=logits.device)[:, None, None]
     return (logits.double() / t + gumbel.to(logits.device)).argmax(-1)
@@ -149,18 +157,27 @@ class Decoder:
     @torch.inference_mode()
     def run(self, prompt_ids: list[list[int]], seeds: list[int] | None = None, width: int | None = None,
             admit: Callable[[int, int], list[tuple]] | None = None, temperatures: list[float] | None = None,
-            on_finish: Callable[[int, SequenceResult], None] | None = None) -> DecodeResult:
+            on_finish: Callable[[int, SequenceResult], None] | None = None,
+            gen_lengths: list[int] | None = None) -> DecodeResult:
         """Decode `prompt_ids`; with `admit`, sequences may also join the decode at step boundaries.
 
         `seeds`: each sequence's seed (default: the config's seed for all); `temperatures`: each
-        sequence's sampling temperature (default: the policy's). `width`: the prompt region's width
-        (left padded; default the longest prompt). Continuous batching: `admit(width, rows_so_far)`
-        is called before every model call after the first and returns the sequences that join now,
-        as (prompt ids, seed) or (prompt ids, seed, temperature); a joiner longer than the prompt
-        region widens it (more left padding for every row, and for the cache's stored keys). A joining
-        sequence gets its own canvas row, generator, counters and policy state, so it decodes to the
-        same tokens as it would alone. `on_finish(row, result)` hears of each sequence as soon as it
-        leaves the batch; the returned `DecodeResult` holds every sequence, in the order they joined.
+        sequence's sampling temperature (default: the policy's); `gen_lengths`: each sequence's
+        generation length (default: the config's gen_length for all), each a multiple of the block
+        length. `width`: the prompt region's width (left padded; default the longest prompt).
+
+        The canvas's generation region is as wide as the longest generation in the decode; a shorter
+        sequence is right padded: its positions past its own gen_length are hidden from attention,
+        never committed, never reported, and its decode ends after its own last block, so it decodes
+        to the tokens (and NFE) it gets alone. Continuous batching: `admit(width, rows_so_far)` is
+        called before every model call after the first and returns the sequences that join now, as
+        (prompt ids, seed), (prompt ids, seed, temperature) or (prompt ids, seed, temperature,
+        gen_length); a joiner longer than the prompt region widens it (more left padding for every
+        row, and for the cache's stored keys), and a joiner with a longer generation widens the
+        generation region on the right (more right padding for every other row). A joining sequence
+        gets its own canvas row, generator, counters and policy state, so it decodes to the same
+        tokens as it would alone. `on_finish(row, result)` hears of each sequence as soon as it leaves
+        the batch; the returned `DecodeResult` holds every sequence, in the order they joined.
         """
         model, policy, cfg = self.model, self.policy, self.config
         device = model.device
@@ -172,13 +189,19 @@ class Decoder:
         temps = [own_temperature] * len(prompt_ids) if temperatures is None else [float(t) for t in temperatures]
         if len(temps) != len(prompt_ids) or any(not t >= 0 for t in temps):
             raise UnmaskError("temperatures: one number >= 0 per prompt", field="temperature")
+        lengths = [int(cfg.gen_length)] * len(prompt_ids) if gen_lengths is None else list(gen_lengths)
+        if len(lengths) != len(prompt_ids):
+            raise UnmaskError(f"{len(lengths)} gen_lengths for {len(prompt_ids)} prompts", field="gen_length")
+        self._checked_lengths: set[int] = set()
+        for g in lengths:
+            self._check_length(g)
         if admit is not None and not policy.continuous:
             raise UnmaskError(f"strategy {policy.name} cannot take sequences into a running decode "
                               "(it prepares per batch); decode it in static batches", field="strategy")
         batch = len(prompt_ids)
-        gen = cfg.gen_length
-        block_len = gen if policy.whole_generation else cfg.block_length
-        num_blocks = gen // block_len
+        gen = max(lengths)  # the canvas's generation region
+        whole = policy.whole_generation
+        block_len = gen if whole else cfg.block_length  # the width of the block views
         prompt_len = max(max(len(p) for p in prompt_ids), width or 0)
         if prompt_len + gen > model.max_length:
             raise UnmaskError(
@@ -187,8 +210,17 @@ class Decoder:
                 field="gen_length",
             )
         stop_ids = torch.tensor(model.stop_ids, device=device)
+        # each sequence's own generation length, block length, number of blocks and step bound
+        row_gen = torch.tensor(lengths, dtype=torch.long, device=device)
 
-        canvas, attention, positions = self._canvas_rows(prompt_ids, prompt_len, gen)
+        def own_blocks(row_gen_t: torch.Tensor):
+            row_block_t = row_gen_t.clone() if whole else torch.full_like(row_gen_t, cfg.block_length)
+            bound = torch.full_like(row_gen_t, cfg.max_steps_per_block) if cfg.max_steps_per_block else 4 * row_block_t
+            return row_block_t, row_gen_t // row_block_t, bound
+
+        row_block, row_blocks, max_steps = own_blocks(row_gen)
+
+        canvas, attention, positions = self._canvas_rows(prompt_ids, prompt_len, gen, lengths)
         gen_view = canvas[:, prompt_len:]  # (batch, gen) view: writes land in the canvas
 
         block_idx = torch.zeros(batch, dtype=torch.long, device=device)
@@ -207,7 +239,6 @@ class Decoder:
         recorder = TraceRecorder(batch) if cfg.record_trace else None
         events: list[dict[str, float]] = [{} for _ in range(batch)]
         history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (rows, top1, still masked)
-        max_steps = cfg.max_steps_per_block or 4 * block_len
         state = policy.init_state(batch, gen, device)
         offsets = torch.arange(block_len, device=device)
         # logits a verification call already computed for a row's current canvas (PSD): the next
@@ -229,7 +260,8 @@ class Decoder:
         known_stats = {key: torch.full((batch, gen), float("nan"), device=device)
                        for key in ("top1_prob", "margin", "entropy")} if cfg.record_trace else None
         self._canvas = (canvas, attention, positions, prompt_len)
-        self._blocks = (block_idx, num_blocks)  # named by the non-finite-logits error
+        self._row_gen = row_gen
+        self._blocks = (block_idx, row_blocks)  # named by the non-finite-logits error
         cancelled_rows: set[int] = set()
         step = 0
         start = time.perf_counter()
@@ -238,17 +270,24 @@ class Decoder:
             """Sequence `row`'s result as it stands (the closure sees the decode's current tensors)."""
             if redundant is None:  # one sequence leaving mid-decode
                 redundant = float(self._temporal_redundancy(history, gen_view, batch)[row])
-            return self._sequence(row, prompt_ids[row], gen_view, nfe, rows_count, finish_s, stopped_early,
-                                  row in cancelled_rows, recorder, commit_step, events, redundant)
+            return self._sequence(row, prompt_ids[row], gen_view[:, :lengths[row]], nfe, rows_count, finish_s,
+                                  stopped_early, row in cancelled_rows, recorder, commit_step[:, :lengths[row]], events,
+                                  redundant)
 
         while bool(active.any()):
             joining = admit(prompt_len, batch) if admit is not None and step > 0 else []
             if joining:
+                new_lengths = [int(j[3]) if len(j) > 3 and j[3] is not None else int(cfg.gen_length) for j in joining]
+                for g in new_lengths:
+                    self._check_length(g)
                 longest = max(len(j[0]) for j in joining)
+                widest = max(new_lengths)
+                if max(longest, prompt_len) + max(widest, gen) > model.max_length:
+                    raise UnmaskError(
+                        f"a joining sequence (a {longest}-token prompt, gen_length {widest}) would widen the decode's "
+                        f"canvas to {max(longest, prompt_len)} + {max(widest, gen)} positions, which exceeds the "
+                        f"model's context of {model.max_length}", field="prompt")
                 if longest > prompt_len:  # widen the prompt region: more left padding for everyone
-                    if longest + gen > model.max_length:
-                        raise UnmaskError(f"a joining prompt of {longest} tokens plus gen_length {gen} exceeds the "
-                                          f"model's context of {model.max_length}", field="prompt")
                     delta = longest - prompt_len
                     canvas = torch.cat([torch.full((batch, delta), model.pad_id, dtype=canvas.dtype, device=device),
                                         canvas], dim=1)
@@ -258,13 +297,33 @@ class Decoder:
                     if cache is not None:
                         cache.widen(delta, attention)
                     prompt_len = longest
+                if widest > gen:  # widen the generation region: more right padding for everyone
+                    delta = widest - gen
+
+                    def wider(t, fill):
+                        return _with_columns(t, delta, fill)
+
+                    canvas, attention = wider(canvas, model.pad_id), wider(attention, False)
+                    positions = model.position_ids(attention)
+                    if cache is not None:
+                        cache.widen(delta, attention, right=True)
+                    prev_top1, stable, prev_conf = wider(prev_top1, -1), wider(stable, 0), wider(prev_conf, float("nan"))
+                    commit_step, known_top1, fresh = wider(commit_step, -1), wider(known_top1, model.mask_id), wider(fresh, False)
+                    if known_stats is not None:
+                        known_stats = {k: wider(v, float("nan")) for k, v in known_stats.items()}
+                    state = widen_state(state, policy.init_state(batch, widest, device))
+                    gen = widest
+                    if whole:  # the block view is the whole canvas
+                        block_len = gen
+                        offsets = torch.arange(block_len, device=device)
                 n = len(joining)
                 new_ids = [list(j[0]) for j in joining]
                 prompt_ids += new_ids
+                lengths += new_lengths
                 seeds += [int(j[1]) for j in joining]
                 temps += [float(j[2]) if len(j) > 2 and j[2] is not None else own_temperature for j in joining]
                 generators += [torch.Generator().manual_seed(int(j[1])) for j in joining]
-                c, a, pos = self._canvas_rows(new_ids, prompt_len, gen)
+                c, a, pos = self._canvas_rows(new_ids, prompt_len, gen, new_lengths)
                 canvas, attention, positions = (torch.cat([canvas, c]), torch.cat([attention, a]),
                                                 torch.cat([positions, pos]))
                 gen_view = canvas[:, prompt_len:]
@@ -285,29 +344,37 @@ class Decoder:
                 state = grow_state(state, policy.init_state(n, gen, device))
                 if cache is not None:
                     cache.grow(attention)
+                row_gen = torch.cat([row_gen, torch.tensor(new_lengths, dtype=torch.long, device=device)])
+                row_block, row_blocks, max_steps = own_blocks(row_gen)
                 batch += n
                 self._counters = (nfe, rows_count)
                 self._canvas = (canvas, attention, positions, prompt_len)
-                self._blocks = (block_idx, num_blocks)
+                self._row_gen = row_gen
+                self._blocks = (block_idx, row_blocks)
             idx = active.nonzero().squeeze(1)
             b = idx.shape[0]
-            block_pos = (block_idx[idx] * block_len)[:, None] + offsets  # (b, block)
+            block_pos = (block_idx[idx] * row_block[idx])[:, None] + offsets  # (b, block)
             arange_b = torch.arange(b, device=device)[:, None]
             blk_logits = self._step_logits(idx, block_pos, block_step, pending, cache, known_top1, known_stats, cfg.cache,
                                             fresh)
-            gen_top1 = known_top1[idx]  # (b, gen)
+            # past a sequence's own generation (right padding) the model's output means nothing
+            beyond = torch.arange(gen, device=device)[None, :] >= row_gen[idx][:, None]  # (b, gen)
+            gen_top1 = known_top1[idx].masked_fill(beyond, model.mask_id)  # (b, gen)
             stats = token_stats(blk_logits)
             full = {k: v[idx] for k, v in known_stats.items()} if known_stats is not None else None
             row_gens = [generators[i] for i in idx.tolist()]
             row_temps = [temps[i] for i in idx.tolist()]
             sampled = [j for j, t in enumerate(row_temps) if t > 0]  # rows that sample draw from their generator
+            # a sequence draws noise for its own block only (a whole-generation block of a shorter
+            # sequence ends before the view's)
+            widths = row_block[idx].clamp(max=block_len).tolist()
             if len(sampled) == b:
-                candidate = _gumbel_candidates(blk_logits, row_temps, row_gens)
+                candidate = _gumbel_candidates(blk_logits, row_temps, row_gens, widths)
                 confidence = stats["log_probs"].gather(-1, candidate[..., None]).squeeze(-1).exp()
             elif sampled:
                 candidate = stats["top1"].clone()
                 candidate[sampled] = _gumbel_candidates(blk_logits[sampled], [row_temps[j] for j in sampled],
-                                                        [row_gens[j] for j in sampled])
+                                                        [row_gens[j] for j in sampled], [widths[j] for j in sampled])
                 confidence = stats["log_probs"].gather(-1, candidate[..., None]).squeeze(-1).exp()
             else:
                 candidate, confidence = stats["top1"], stats["top1_prob"]
@@ -342,10 +409,12 @@ class Decoder:
                 gen_top1=gen_top1,
                 block_length=block_len,
                 gen_length=gen,
-                num_blocks=num_blocks,
+                num_blocks=gen // block_len,
                 mask_id=model.mask_id,
                 stop_ids=tuple(model.stop_ids),
                 generators=row_gens,
+                row_gen_length=row_gen[idx],
+                row_num_blocks=row_blocks[idx],
             )
             with self._timed("policy_s"):
                 decision = policy.decide(view, state)
@@ -362,7 +431,7 @@ class Decoder:
                 remask = decision.remask & ~masked & ~commit
                 new_blk = torch.where(remask, torch.full_like(new_blk, model.mask_id), new_blk)
             # safety bound for remasking policies: at the limit, the block is finished as predicted
-            over = (block_step[idx] + 1 >= max_steps)[:, None] & (new_blk == model.mask_id)
+            over = (block_step[idx] + 1 >= max_steps[idx])[:, None] & (new_blk == model.mask_id)
             new_blk = torch.where(over, candidate, new_blk)
             commit = commit | over
             if decision.drafts is not None and not policy.remasking:
@@ -397,14 +466,15 @@ class Decoder:
                 masked_before = (gen_view[idx] == model.mask_id).clone()
                 masked_before[arange_b, block_pos] = masked
                 for j, row in enumerate(idx.tolist()):
+                    own = lengths[row]  # a trace covers the sequence's own generation only
                     recorder.record(
                         row,
-                        top1=gen_top1[j].cpu().numpy(),
-                        confidence=full["top1_prob"][j].cpu().numpy(),
-                        margin=full["margin"][j].cpu().numpy(),
-                        entropy=full["entropy"][j].cpu().numpy(),
-                        masked_before=masked_before[j].cpu().numpy(),
-                        tokens_after=gen_view[row].cpu().numpy().copy(),
+                        top1=gen_top1[j, :own].cpu().numpy(),
+                        confidence=full["top1_prob"][j, :own].cpu().numpy(),
+                        margin=full["margin"][j, :own].cpu().numpy(),
+                        entropy=full["entropy"][j, :own].cpu().numpy(),
+                        masked_before=masked_before[j, :own].cpu().numpy(),
+                        tokens_after=gen_view[row, :own].cpu().numpy().copy(),
                         block=int(block_idx[row]),
                     )
                     if remask is not None:
@@ -417,13 +487,15 @@ class Decoder:
                 done_rows = idx[block_done]
                 if cfg.early_stop:
                     predicted = policy.stop_predictions(done_rows, gen_top1[block_done])
-                    self._stop_rule(done_rows, gen_view, predicted, block_idx, block_len, stop_ids, stopped_early)
+                    self._stop_rule(done_rows, gen_view, predicted, block_idx, row_block, row_gen, stop_ids,
+                                    stopped_early)
                 block_idx[done_rows] += 1
                 block_step[done_rows] = 0
                 if use_cache:  # the next block starts with a refresh of the cache, a full forward
                     for row in done_rows.tolist():
                         pending.pop(row, None)
-                finished = done_rows[(block_idx[done_rows] >= num_blocks) | stopped_early[done_rows.cpu()].to(device)]
+                finished = done_rows[(block_idx[done_rows] >= row_blocks[done_rows])
+                                     | stopped_early[done_rows.cpu()].to(device)]
                 if finished.numel():
                     active[finished] = False
                     finish_s[finished.cpu().numpy()] = time.perf_counter() - start
@@ -432,7 +504,7 @@ class Decoder:
                             on_finish(row, result(row))
                 if self.on_block is not None:
                     for row in done_rows.tolist():
-                        end = gen if bool(stopped_early[row]) else int(block_idx[row]) * block_len
+                        end = lengths[row] if bool(stopped_early[row]) else int(block_idx[row] * row_block[row])
                         self.on_block(row, int(block_idx[row]) - 1, gen_view[row, :end].tolist())
             if self.cancelled is not None:
                 for row in active.nonzero().squeeze(1).tolist():
@@ -453,17 +525,32 @@ class Decoder:
         return DecodeResult(sequences=sequences, wall_s=wall, strategy=policy.name, params=policy.params, config=cfg,
                             extras=dict(self._seconds))
 
-    def _canvas_rows(self, prompt_ids: list[list[int]], prompt_len: int, gen: int):
-        """Canvas rows (prompt left padded to `prompt_len`, then `gen` masks), attention and positions."""
+    def _canvas_rows(self, prompt_ids: list[list[int]], prompt_len: int, gen: int, lengths: list[int]):
+        """Canvas rows (prompt left padded to `prompt_len`, then the row's own `lengths[row]` masks,
+        right padded to `gen`), attention (False on padding) and positions."""
         model = self.model
         device = model.device
         canvas = torch.full((len(prompt_ids), prompt_len + gen), model.pad_id, dtype=torch.long, device=device)
         attention = torch.zeros_like(canvas, dtype=torch.bool)
-        for row, ids in enumerate(prompt_ids):
+        for row, (ids, own) in enumerate(zip(prompt_ids, lengths)):
             canvas[row, prompt_len - len(ids) : prompt_len] = torch.tensor(ids, device=device)
-            attention[row, prompt_len - len(ids) :] = True
-        canvas[:, prompt_len:] = model.mask_id
+            canvas[row, prompt_len : prompt_len + own] = model.mask_id
+            attention[row, prompt_len - len(ids) : prompt_len + own] = True
         return canvas, attention, model.position_ids(attention)
+
+    def _check_length(self, gen_length) -> None:
+        """A sequence's own generation length: a positive multiple of the block length that the
+        policy can decode (its steps split over the blocks)."""
+        cfg, policy = self.config, self.policy
+        if isinstance(gen_length, bool) or not isinstance(gen_length, int) or gen_length <= 0:
+            raise UnmaskError(f"gen_length must be a positive integer, got {gen_length!r}", field="gen_length")
+        if not policy.whole_generation and gen_length % cfg.block_length:
+            raise UnmaskError(f"block_length {cfg.block_length} does not divide gen_length {gen_length}; "
+                              "pick a gen_length that is a multiple of the block length", field="gen_length")
+        if gen_length not in self._checked_lengths:
+            block = gen_length if policy.whole_generation else cfg.block_length
+            policy.check_lengths(self.model, replace(cfg, gen_length=gen_length, block_length=block))
+            self._checked_lengths.add(gen_length)
 
     def _sequence(self, row, prompt_ids, gen_view, nfe, rows_count, finish_s, stopped_early, cancelled: bool, recorder,
                   commit_step, events, redundant: float) -> SequenceResult:
@@ -511,14 +598,15 @@ class Decoder:
         `rows_per_seq` an int or a per-sequence tensor, `cache_rows` the sequence of each canvas):
         its canvases are the sequence's rows.
 
-        Every position it returns is one the decode may read (the policy, the stop rule, the
-        trace), so all are checked: a position whose logits hold a NaN or +inf, or no finite value
-        once the mask token's column is -inf, stops the decode with `NonFiniteLogitsError`. Prompt
-        positions are never returned, so what the model says there (left padding may be NaN) is
-        ignored, and -inf on some tokens is a legitimate "never this token".
+        Every position it returns within its sequence's own generation is one the decode may read
+        (the policy, the stop rule, the trace), so all are checked: a position whose logits hold a
+        NaN or +inf, or no finite value once the mask token's column is -inf, stops the decode with
+        `NonFiniteLogitsError`. Prompt positions are never returned, so what the model says there
+        (left padding may be NaN) is ignored, as is what it says on right padding (past a shorter
+        sequence's generation), and -inf on some tokens is a legitimate "never this token".
         """
         nfe, rows_count = self._counters
-        canvas, attention, positions, _ = self._canvas
+        canvas, attention, positions, prompt_len = self._canvas
         owners = cache_rows if cache_rows is not None else rows
         tokens = canvas[owners] if tokens is None else tokens
         with self._timed("model_s"):
@@ -532,24 +620,31 @@ class Decoder:
         # the row maximum is NaN if any logit is, +inf if any is, -inf if none is finite: one cheap check
         row_max = logits.amax(-1)
         if not bool(torch.isfinite(row_max).all()):
-            raise self._non_finite(row_max, owners, verifying)
+            gen_pos = torch.arange(row_max.shape[1], device=row_max.device)[None] if query_pos is None \
+                else query_pos - prompt_len
+            padding = gen_pos >= self._row_gen[owners][:, None]  # right padding: never read
+            if not bool(torch.isfinite(row_max.masked_fill(padding, 0.0)).all()):
+                raise self._non_finite(row_max, owners, verifying, padding)
         nfe[rows.cpu()] += 1
         rows_count[rows.cpu()] += rows_per_seq
         return logits
 
-    def _non_finite(self, row_max: torch.Tensor, owners: torch.Tensor, verifying: bool) -> NonFiniteLogitsError:
-        """The error for a call whose logits (maximum per position `row_max`, (canvases, q)) are not all finite."""
+    def _non_finite(self, row_max: torch.Tensor, owners: torch.Tensor, verifying: bool,
+                    padding: torch.Tensor) -> NonFiniteLogitsError:
+        """The error for a call whose logits (maximum per position `row_max`, (canvases, q)) are not all
+        finite at some position outside the right padding (`padding`, (canvases, q))."""
         nfe, _ = self._counters
-        block_idx, num_blocks = self._blocks
-        bad = (~torch.isfinite(row_max)).sum(-1).cpu().tolist()  # per canvas
-        width = row_max.shape[1]
+        block_idx, row_blocks = self._blocks
+        bad = (~torch.isfinite(row_max) & ~padding).sum(-1).cpu().tolist()  # per canvas
+        checked = (~padding).sum(-1).cpu().tolist()
         details: dict[int, list[int]] = {}
         for canvas, row in enumerate(owners.cpu().tolist()):
             info = details.setdefault(row, [0, 0, int(nfe[row]) + 1, int(block_idx[row])])
             info[0] += bad[canvas]
-            info[1] += width
-        return NonFiniteLogitsError({row: tuple(info) for row, info in details.items() if info[0]}, num_blocks,
-                                    verifying=verifying)
+            info[1] += checked[canvas]
+        details = {row: info for row, info in details.items() if info[0]}
+        blocks = {row: int(row_blocks[row]) for row in details}
+        return NonFiniteLogitsError({row: tuple(info) for row, info in details.items()}, blocks, verifying=verifying)
 
     def _step_logits(self, idx, block_pos, block_step, pending, cache, known_top1, known_stats, mode, fresh):
         """Block logits (b, block, V) for this step, from a verification's leftovers or a model call.
@@ -590,11 +685,13 @@ class Decoder:
             else:
                 if kind == "dual":
                     where = block_pos[sel]
-                else:  # prefix: each row's block and everything after it, padded by repeating the
-                    # last position (a duplicate query writes the same keys and changes nothing)
+                else:  # prefix: each row's block and everything after it in its own generation,
+                    # padded by repeating its last position (a duplicate query writes the same keys
+                    # and changes nothing)
                     starts = block_pos[sel, 0]
-                    width = gen - int(starts.min())
-                    where = (starts[:, None] + torch.arange(width, device=device)[None]).clamp(max=gen - 1)
+                    ends = self._row_gen[r]
+                    width = int((ends - starts).max())
+                    where = torch.minimum(starts[:, None] + torch.arange(width, device=device)[None], ends[:, None] - 1)
                 logits = self._forward(r, prompt_len, query_pos=where + prompt_len, cache=cache)
             self._remember(r, where, logits, known_top1, known_stats, fresh)
             lookup = torch.full((r.shape[0], gen), -1, dtype=torch.long, device=device)
@@ -684,24 +781,28 @@ class Decoder:
     def _temporal_redundancy(history, gen_view, batch: int) -> torch.Tensor:
         """Per sequence: steps x positions still masked after a step whose top-1 already was the final token."""
         total = torch.zeros(batch, dtype=torch.long, device=gen_view.device)
-        for rows, top1, still_masked in history:
-            hit = still_masked & (top1 == gen_view[rows])
+        for rows, top1, still_masked in history:  # a step before the canvas widened is narrower
+            hit = still_masked & (top1 == gen_view[rows, : top1.shape[1]])
             total.index_add_(0, rows, hit.sum(-1))
         return total.cpu()
 
     @staticmethod
-    def _stop_rule(rows, gen_view, gen_top1, block_idx, block_len, stop_ids, stopped_early) -> None:
+    def _stop_rule(rows, gen_view, gen_top1, block_idx, row_block, row_gen, stop_ids, stopped_early) -> None:
         """A finished block holding a committed stop token, with only stop tokens predicted for every
-        later masked position, ends the decode: those positions are filled with their predictions."""
+        later masked position, ends the decode: those positions are filled with their predictions.
+
+        Each sequence within its own generation (`row_gen`, in blocks of `row_block`): padding past it
+        never counts."""
         tokens = gen_view[rows]  # (r, gen)
         gen = tokens.shape[1]
-        block_end = (block_idx[rows] + 1) * block_len  # (r,)
+        own = row_gen[rows]  # (r,)
+        block_end = (block_idx[rows] + 1) * row_block[rows]  # (r,)
         pos = torch.arange(gen, device=tokens.device)[None, :]
         decided_region = pos < block_end[:, None]
         has_stop = (torch.isin(tokens, stop_ids) & decided_region).any(-1)
-        later = pos >= block_end[:, None]
+        later = (pos >= block_end[:, None]) & (pos < own[:, None])
         later_ok = (~later | torch.isin(gen_top1, stop_ids)).all(-1)
-        fire = has_stop & later_ok & (block_end < gen)
+        fire = has_stop & later_ok & (block_end < own)
         if bool(fire.any()):
             fill_rows = rows[fire]
             filled = torch.where(later[fire], gen_top1[fire], tokens[fire])
@@ -712,6 +813,29 @@ class Decoder:
 def _with_rows(t: torch.Tensor, n: int, fill) -> torch.Tensor:
     """`t` with `n` more rows (first dimension) of `fill`."""
     return torch.cat([t, torch.full((n,) + tuple(t.shape[1:]), fill, dtype=t.dtype, device=t.device)])
+
+
+def _with_columns(t: torch.Tensor, n: int, fill) -> torch.Tensor:
+    """`t` with `n` more columns (second dimension) of `fill`, on the right."""
+    return torch.cat([t, torch.full((t.shape[0], n) + tuple(t.shape[2:]), fill, dtype=t.dtype, device=t.device)], dim=1)
+
+
+def widen_state(state: Any, wider: Any) -> Any:
+    """A policy's per-decode state on a wider canvas: `wider` is a fresh state of the same rows for
+    the wider generation region; every tensor of `state` is copied into its leading corner (a tensor
+    whose shape does not depend on the generation length is kept as it is)."""
+    if state is None and wider is None:
+        return None
+    if isinstance(state, torch.Tensor):
+        if state.shape == wider.shape:
+            return state
+        wider[tuple(slice(0, n) for n in state.shape)] = state
+        return wider
+    if isinstance(state, dict):
+        return {k: widen_state(v, wider[k]) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(widen_state(a, b) for a, b in zip(state, wider))
+    raise TypeError(f"cannot widen a policy state of type {type(state).__name__}")
 
 
 def grow_state(state: Any, more: Any) -> Any:
@@ -739,19 +863,29 @@ def generate(
     progress: Callable[[int], None] | None = None,
     on_block: Callable[[int, int, list[int]], None] | None = None,
     cancelled: Callable[[int], bool] | None = None,
+    gen_lengths: Sequence[int] | None = None,
     **overrides,
 ) -> DecodeResult:
     """Decode `prompts` with `policy` (an instance or a strategy string) in one batch.
 
-    `overrides` are DecodeConfig fields (gen_length=..., block_length=..., seed=...).
+    `overrides` are DecodeConfig fields (gen_length=..., block_length=..., seed=...). `gen_lengths`
+    gives each prompt its own generation length (each a multiple of the block length); the canvas
+    is then as long as the longest, and each sequence decodes to what it decodes alone with its own.
     """
     from unmask.decoding.registry import parse_strategy
 
     if isinstance(policy, str):
         policy = parse_strategy(policy)
+    if gen_lengths is not None:
+        gen_lengths = list(gen_lengths)
+        if len(gen_lengths) != len(prompts):
+            raise UnmaskError(f"{len(gen_lengths)} gen_lengths for {len(prompts)} prompts", field="gen_length")
+        if gen_lengths:
+            overrides["gen_length"] = max(gen_lengths)
     config = DecodeConfig(**{**(config.__dict__ if config else {}), **overrides}).resolved(model.defaults)
     if not prompts:
         raise UnmaskError("no prompts given; pass at least one prompt")
     prompt_ids = encode_prompts(model, prompts, chat=chat)
-    policy.prepare(model, prompt_ids, config)
-    return Decoder(model, policy, config, progress=progress, on_block=on_block, cancelled=cancelled).run(prompt_ids)
+    policy.prepare(model, prompt_ids, config, gen_lengths=gen_lengths)
+    return Decoder(model, policy, config, progress=progress, on_block=on_block, cancelled=cancelled).run(
+        prompt_ids, gen_lengths=gen_lengths)

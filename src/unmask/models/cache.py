@@ -47,12 +47,13 @@ class KVCache:
         self.batch_size = key_mask.shape[0]
         self.key_mask = key_mask
 
-    def widen(self, delta: int, key_mask: torch.Tensor) -> None:
-        """`delta` more padding positions on the left of every canvas (a longer prompt joined)."""
+    def widen(self, delta: int, key_mask: torch.Tensor, right: bool = False) -> None:
+        """`delta` more padding positions on the left of every canvas (a longer prompt joined), or on
+        the right with `right` (a longer generation joined). `key_mask` hides them."""
         for store in (self.keys, self.values):
             for layer, t in store.items():
                 pad = torch.zeros(t.shape[:2] + (delta,) + t.shape[3:], dtype=t.dtype, device=t.device)
-                store[layer] = torch.cat([pad, t], dim=2)
+                store[layer] = torch.cat([t, pad] if right else [pad, t], dim=2)
         self.key_mask = key_mask
 
     # -- set by the loop before each call -------------------------------------------------------

@@ -37,6 +37,14 @@ class StepView:
     Shapes: `batch` is the number of active sequences in this call, `block` the block length,
     `gen` the generation length. Block tensors are aligned with `positions` (indices into the
     generation region).
+
+    Sequences of one decode may have different generation lengths (they share the canvas, which is
+    as wide as the longest; a shorter sequence is right padded). `gen_length` and `num_blocks` are
+    the canvas's; `row_gen_length` and `row_num_blocks` are each sequence's own, and a policy whose
+    decisions depend on the generation length reads those, so a sequence decides as it does alone.
+    A sequence never sees a position past its own generation, except that a `whole_generation`
+    policy's block (the whole canvas) ends, for a shorter sequence, in padding slots that are never
+    masked and never committed. `gen_top1` holds the mask token past a sequence's own generation.
     """
 
     rows: torch.Tensor  # (batch,) indices of these sequences in the whole decode batch
@@ -55,24 +63,43 @@ class StepView:
     block_step: torch.Tensor  # (batch,) calls already made in this block before this one
     step: int  # calls made in this decode before this one
     gen_top1: torch.Tensor  # (batch, gen) argmax over the whole generation region
-    block_length: int
-    gen_length: int
-    num_blocks: int
+    block_length: int  # the width of the block tensors
+    gen_length: int  # the canvas: the longest generation in the decode
+    num_blocks: int  # the canvas's blocks
     mask_id: int
     stop_ids: tuple[int, ...]
     generators: list[torch.Generator]  # one per active sequence, seeded as if decoded alone
     extras: dict[str, Any] = field(default_factory=dict)
+    # (batch,) each sequence's own generation length and number of blocks (None: the canvas's)
+    row_gen_length: torch.Tensor | None = None
+    row_num_blocks: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        device = self.rows.device
+        if self.row_gen_length is None:
+            self.row_gen_length = torch.full(self.rows.shape, self.gen_length, dtype=torch.long, device=device)
+        if self.row_num_blocks is None:
+            self.row_num_blocks = torch.full(self.rows.shape, self.num_blocks, dtype=torch.long, device=device)
 
     @property
     def batch(self) -> int:
         return int(self.rows.shape[0])
 
+    @property
+    def row_block_length(self) -> torch.Tensor:
+        """(batch,) each sequence's own block length (its whole generation under a whole_generation policy)."""
+        return self.row_gen_length // self.row_num_blocks
+
     def uniform(self) -> torch.Tensor:
-        """(batch, block) uniforms drawn from each sequence's own generator (batch-invariant)."""
+        """(batch, block) uniforms drawn from each sequence's own generator (batch-invariant).
+
+        A sequence draws as many as its own block holds (slots past it get 1, never chosen first).
+        """
         device = self.top1.device
-        return torch.stack(
-            [torch.rand(self.block_length, generator=g).to(device) for g in self.generators]
-        ) if self.generators else torch.empty(0, self.block_length, device=device)
+        out = torch.ones(self.batch, self.block_length, device=device)
+        for j, (g, width) in enumerate(zip(self.generators, self.row_block_length.tolist())):
+            out[j, :width] = torch.rand(width, generator=g).to(device)
+        return out
 
 
 @dataclass
@@ -118,8 +145,18 @@ class Policy:
         self.config.validate()
 
     # --- hooks -------------------------------------------------------------------------------
-    def prepare(self, model, prompts: list[list[int]], decode_config) -> None:
-        """Called once per decode before the first step (the oracle runs its reference here)."""
+    def prepare(self, model, prompts: list[list[int]], decode_config, gen_lengths: list[int] | None = None) -> None:
+        """Called once per decode before the first step (the oracle runs its reference here).
+
+        `decode_config.gen_length` is the canvas; `gen_lengths` each prompt's own generation length
+        (None: the canvas for all).
+        """
+        self.check_lengths(model, decode_config)
+
+    def check_lengths(self, model, decode_config) -> None:
+        """Raise UnmaskError if this policy cannot decode a sequence of `decode_config.gen_length`
+        in its blocks (a step count that does not split over them). The loop asks for every
+        sequence's own length before it decodes it, and the server for every request."""
 
     def unavailable(self, model) -> str | None:
         """Why this policy cannot decode with `model` (a missing trained part), or None if it can."""

@@ -23,14 +23,18 @@ class Oracle(Policy):
 
     continuous = False  # its reference decode is prepared per batch of prompts
 
-    def prepare(self, model, prompts, decode_config) -> None:
+    def prepare(self, model, prompts, decode_config, gen_lengths=None) -> None:
         from unmask.decoding.loop import Decoder
         from unmask.decoding.policies.low_confidence import LowConfidence
         from unmask.decoding.policies.schedule import ScheduledConfig
 
         # one token per step on every model (docs/measurements.md: the reference decode), Dream's included
-        reference = Decoder(model, LowConfidence(ScheduledConfig(schedule="llada")), decode_config).run(prompts)
-        self._targets = torch.tensor([s.tokens for s in reference.sequences], device=model.device)
+        reference = Decoder(model, LowConfidence(ScheduledConfig(schedule="llada")), decode_config).run(
+            prompts, gen_lengths=gen_lengths)
+        # (batch, canvas): a shorter sequence's targets end in mask tokens the loop never reads
+        canvas = max(len(s.tokens) for s in reference.sequences)
+        self._targets = torch.tensor([s.tokens + [model.mask_id] * (canvas - len(s.tokens)) for s in reference.sequences],
+                                     device=model.device)
 
     def stop_predictions(self, rows, gen_top1):
         # the bound stops where the reference stops and fills exactly y*, whatever the model says now

@@ -75,24 +75,31 @@ class ScheduledConfig(PolicyConfig):
                 f"eps={self.eps} applies to Dream's schedule only; use schedule=dream or drop eps", field="eps")
 
 
-def steps_per_block(view: StepView, steps: int | None) -> int:
-    """The calls each block gets: `steps` (None = gen_length) over the blocks, which must divide it."""
-    total = steps if steps is not None else view.gen_length
-    if total % view.num_blocks:
-        raise UnmaskError(
-            f"steps {total} must be a multiple of the number of blocks ({view.num_blocks}); "
-            f"use a multiple of {view.num_blocks}",
-            field="steps",
-        )
-    return total // view.num_blocks
+def _steps_error(total: int, blocks: int) -> UnmaskError:
+    return UnmaskError(
+        f"steps {total} must be a multiple of the number of blocks ({blocks}); use a multiple of {blocks}",
+        field="steps",
+    )
+
+
+def steps_per_block(view: StepView, steps: int | None) -> torch.Tensor:
+    """(batch,) the calls each sequence's blocks get: `steps` (None = its gen_length) over its blocks,
+    which must divide it. Per sequence, so a sequence gets its own share in a decode of mixed lengths."""
+    blocks = view.row_num_blocks
+    total = torch.full_like(blocks, steps) if steps is not None else view.row_gen_length
+    bad = (total % blocks) != 0
+    if bool(bad.any()):
+        j = int(bad.nonzero()[0, 0])
+        raise _steps_error(int(total[j]), int(blocks[j]))
+    return total // blocks
 
 
 def tokens_this_step(view: StepView, steps: int | None) -> torch.Tensor:
     """LLaDA's k per row: floor(block / steps_per_block), +1 for the first (block mod steps_per_block) steps."""
-    per_block = max(1, min(steps_per_block(view, steps), view.block_length))
-    base, extra = divmod(view.block_length, per_block)
-    k = torch.full_like(view.block_step, base)
-    return k + (view.block_step < extra).long()
+    block = view.row_block_length
+    per_block = torch.minimum(steps_per_block(view, steps), block).clamp(min=1)
+    base, extra = block // per_block, block % per_block
+    return base + (view.block_step < extra).long()
 
 
 @lru_cache(maxsize=64)
@@ -104,18 +111,28 @@ def _dream_fractions(n: int, eps: float) -> torch.Tensor:
     return fractions
 
 
-def dream_fraction(block_step: torch.Tensor, n: int, eps: float) -> torch.Tensor:
+def dream_fraction(block_step: torch.Tensor, n, eps: float) -> torch.Tensor:
     """(b,) float32 on the CPU: the share 1 - s / t of its masked positions step `block_step` commits.
 
-    1 from the last step, n - 1, on: Dream's last step commits every position left.
+    `n`: the calls per block, an int or one per row. 1 from the last step, n - 1, on: Dream's last
+    step commits every position left.
     """
-    return _dream_fractions(n, float(eps))[block_step.cpu().clamp(max=n - 1)]
+    step = block_step.cpu()
+    if isinstance(n, int):
+        return _dream_fractions(n, float(eps))[step.clamp(max=n - 1)]
+    n = n.cpu()
+    out = torch.empty(step.shape, dtype=torch.float32)
+    for value in n.unique().tolist():
+        rows = n == value
+        out[rows] = _dream_fractions(int(value), float(eps))[step[rows].clamp(max=value - 1)]
+    return out
 
 
 def dream_counts(masked_left: torch.Tensor, block_step: torch.Tensor, n: int, eps: float) -> torch.Tensor:
     """Dream's k per row: int(m * (1 - s / t)) at step i < n - 1, every masked position at step n - 1.
 
-    masked_left: (b,) positions still masked before this step; block_step: (b,) the step i in the block.
+    masked_left: (b,) positions still masked before this step; block_step: (b,) the step i in the block;
+    n: the calls per block, an int or one per row.
     The product is taken in float32 and truncated, as Dream's `int(num_mask_token * (1 - s / t))`.
     """
     k = (masked_left.cpu().float() * dream_fraction(block_step, n, eps)).long()
@@ -152,22 +169,33 @@ class ScheduledPolicy(Policy):
         if self.config.schedule == "dream":
             self.check_dream()
 
-    def prepare(self, model, prompts, decode_config) -> None:
-        cfg = self.config
-        if cfg.schedule == "auto":
-            self._resolved = "dream" if getattr(model, "kind", None) == "dream" else "llada"
-        else:
-            self._resolved = cfg.schedule
+    def _schedule_for(self, model) -> str:
+        if self.config.schedule != "auto":
+            return self.config.schedule
+        return "dream" if getattr(model, "kind", None) == "dream" else "llada"
+
+    def prepare(self, model, prompts, decode_config, gen_lengths=None) -> None:
+        self._resolved = self._schedule_for(model)
         if self._resolved == "llada":
-            cfg.check_llada()
-            return
-        self.check_dream()
-        # Dream's block always ends after exactly its n calls; the loop's safety bound must not cut it
+            self.config.check_llada()
+        else:
+            self.check_dream()
+        self.check_lengths(model, decode_config)
+
+    def check_lengths(self, model, decode_config) -> None:
+        """`steps` must split evenly over the blocks of a `decode_config.gen_length` generation, and
+        under Dream's schedule a block must be able to take its share of them."""
+        cfg = self.config
         block = decode_config.gen_length if self.whole_generation else decode_config.block_length
         blocks = decode_config.gen_length // block
         total = cfg.steps if cfg.steps is not None else decode_config.gen_length
+        if total % blocks:
+            raise _steps_error(total, blocks)
+        if self._schedule_for(model) == "llada":
+            return
+        # Dream's block always ends after exactly its n calls; the loop's safety bound must not cut it
         bound = decode_config.max_steps_per_block or 4 * block
-        if total % blocks == 0 and total // blocks > bound:
+        if total // blocks > bound:
             raise UnmaskError(
                 f"steps {total} gives {total // blocks} calls per block under Dream's schedule, more than the "
                 f"{bound} a block may take (max_steps_per_block); use fewer steps or raise max_steps_per_block",

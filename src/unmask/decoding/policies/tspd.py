@@ -107,7 +107,7 @@ class TSPD(Policy):
             return f"no TSPD controller in {folder}; train one with `unmask train collect-traces` and `unmask train controller`"
         return None
 
-    def prepare(self, model, prompts, decode_config) -> None:
+    def prepare(self, model, prompts, decode_config, gen_lengths=None) -> None:
         if not self._given:
             from unmask.decoding.controller import CONFIG_FILE, load_controller
 
