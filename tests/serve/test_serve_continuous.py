@@ -1,6 +1,7 @@
 """Continuous batching through a running server and the official `openai` client: concurrent
-requests with distinct seeds and temperatures share one running decode (joining it as slots free), and each answer
-equals a direct decode of the same request, with and without the KV cache."""
+requests with distinct seeds, temperatures and gen_lengths share one running decode (joining it as
+slots free), and each answer equals a direct decode of the same request, with and without the KV
+cache."""
 
 import threading
 
@@ -20,6 +21,7 @@ PROMPTS = ["tom has 5 apples", "hello world", "what is 3 plus 4", "print x", "ho
            "sam", "x = 3 . y = x + 1 . print y"]
 STRATEGIES = ["random", "threshold:tau=0.5", "psd:tau=0.5", "r2:tau=0.5"]
 TEMPERATURES = [0.0, 0.7, 0.0, 1.2]  # the OpenAI temperature of request i: mixed within one decode
+GEN_LENGTHS = [32, 16, 24]  # the gen_length of request i: mixed within one decode too
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,8 @@ def test_concurrent_requests_with_distinct_seeds_share_a_decode_and_match_direct
             try:
                 r = client.completions.create(model=model.name, prompt=PROMPTS[i], max_tokens=32,
                                               temperature=TEMPERATURES[i % len(TEMPERATURES)],
-                                              extra_body={"strategy": strategy, "seed": 100 + i, "gen_length": 32,
+                                              extra_body={"strategy": strategy, "seed": 100 + i,
+                                                          "gen_length": GEN_LENGTHS[i % len(GEN_LENGTHS)],
                                                           "block_length": 8})
                 answers[i] = (r.choices[0].text, r.model_extra["unmask"])
             except Exception as exc:  # reported below, with the request it belongs to
@@ -58,13 +61,15 @@ def test_concurrent_requests_with_distinct_seeds_share_a_decode_and_match_direct
     for i, prompt in enumerate(PROMPTS):
         t = TEMPERATURES[i % len(TEMPERATURES)]
         spec = strategy + ((("," if ":" in strategy else ":") + f"temperature={t}") if t else "")
-        seq = generate(model, [prompt], spec, chat=False, seed=100 + i, gen_length=32, block_length=8,
-                       cache=cache).sequences[0]
+        seq = generate(model, [prompt], spec, chat=False, seed=100 + i, gen_length=GEN_LENGTHS[i % len(GEN_LENGTHS)],
+                       block_length=8, cache=cache).sequences[0]
         text, stats = answers[i]
         assert text == seq.text, (i, strategy)
         # a sequence whose answer can no longer change leaves the decode early: never more calls
         assert 1 <= stats["nfe"] <= seq.nfe and stats["seed"] == 100 + i
-    # eight requests with eight seeds and three temperatures, three slots: fewer decodes than requests, none over 3 at once
+        assert stats["gen_length"] == GEN_LENGTHS[i % len(GEN_LENGTHS)]
+    # eight requests with eight seeds, three temperatures and three gen_lengths, three slots: fewer
+    # decodes than requests, none over 3 at once
     assert health["batching"] == "continuous"
     assert health["batches"] < len(PROMPTS) and health["max_batch"] <= 3
     assert health["completed"] == len(PROMPTS)
@@ -91,7 +96,7 @@ def test_joiners_never_pass_a_waiting_request_of_another_kind(model):
     engine = build_engine(model, max_batch_size=8)
     running = engine.prepare(_request("hi", 1))
     a = engine.prepare(_request("ho", 2))                      # same kind, other seed: joins
-    other = engine.prepare(_request("hu", 3, gen_length=8))    # another canvas length: another kind
+    other = engine.prepare(_request("hu", 3, block_length=4))  # another block length: another kind
     c = engine.prepare(_request("ha", 4))                      # same kind, but behind `other`
     queue = deque([a, other, c])
     assert take_joiners(queue, running, slots=8) == [a]
@@ -104,3 +109,91 @@ def _request(prompt, seed, **kw):
     from unmask.serve.engine import GenerationRequest
 
     return GenerationRequest(prompt, chat=False, seed=seed, strategy="threshold", **kw)
+
+
+def _run(engine, jobs) -> list:
+    """Queue `jobs` before the worker starts (so the first decode takes as many as fit), run them to
+    the end and return every event."""
+    events, lock, finished = [], threading.Lock(), threading.Event()
+    for i, job in enumerate(jobs):
+        job.index = i
+
+    def sink(event):
+        with lock:
+            events.append(event)
+            if sum(e.kind in ("done", "error") for e in events) == len(jobs):
+                finished.set()
+
+    engine.submit(jobs, sink)
+    engine.start()
+    try:
+        assert finished.wait(120)
+    finally:
+        engine.stop()
+    assert not [e for e in events if e.kind == "error"], events
+    return events
+
+
+def _answer(events, i):
+    return next(e for e in events if e.kind == "done" and e.index == i)
+
+
+@pytest.mark.parametrize("cache", ["none", "dual"])
+@pytest.mark.parametrize("strategy", ["low_confidence", "threshold:tau=0.5", "r2:tau=0.5"])
+def test_requests_of_different_gen_lengths_share_one_decode_and_match_direct_decodes(model, strategy, cache):
+    # two slots, three requests queued before the worker starts: gen_lengths 16 and 48 start one
+    # decode together (the canvas is 48), and the 32 joins it when the 16 leaves; one decode in all
+    engine = build_engine(model, strategy="low_confidence", max_batch_size=2, cache=cache)
+    cases = [("tom has 5 apples", 16, 0.0), ("what is 3 plus 4", 48, 0.0), ("hello world", 32, 0.9)]
+    jobs = [engine.prepare(_request_with(prompt, 7 + i, strategy, g, block_length=8,
+                                         strategy_params={"temperature": t} if t else None))
+            for i, (prompt, g, t) in enumerate(cases)]
+    events = _run(engine, jobs)
+    assert engine.stats["batches"] == 1 and engine.stats["batched_jobs"] == 3 and engine.stats["max_batch"] == 2
+    for i, (prompt, gen_length, t) in enumerate(cases):
+        spec = strategy + ((("," if ":" in strategy else ":") + f"temperature={t}") if t else "")
+        direct = generate(model, [prompt], spec, chat=False, seed=7 + i, gen_length=gen_length, block_length=8,
+                          cache=cache).sequences[0]
+        done = _answer(events, i)
+        assert done.text == direct.text, (strategy, cache, i)
+        assert done.stats["gen_length"] == gen_length and 1 <= done.stats["nfe"] <= direct.nfe
+
+
+@pytest.mark.parametrize("strategy", ["oracle", "one_shot"])
+def test_the_oracle_and_one_shot_decode_requests_of_different_lengths_in_one_batch(model, strategy):
+    # the oracle prepares per batch (a static batch of mixed lengths); one_shot's block is each
+    # request's whole generation, so its block length is not shared
+    engine = build_engine(model, strategy="low_confidence", max_batch_size=4)
+    cases = [("tom has 5 apples", 8), ("what is 3 plus 4", 24), ("hello world", 16)]
+    jobs = [engine.prepare(_request_with(prompt, 3, strategy, g, block_length=8)) for prompt, g in cases]
+    events = _run(engine, jobs)
+    assert engine.stats["batches"] == 1 and engine.stats["max_batch"] == 3
+    for i, (prompt, gen_length) in enumerate(cases):
+        direct = generate(model, [prompt], strategy, chat=False, seed=3, gen_length=gen_length, block_length=8)
+        assert _answer(events, i).text == direct.sequences[0].text, (strategy, i)
+
+
+def test_a_request_that_would_widen_the_canvas_past_the_context_waits_for_the_next_decode(model):
+    from collections import deque
+
+    from unmask.serve.engine import canvas_fits, take_batch, take_joiners
+
+    engine = build_engine(model, max_batch_size=8)
+    running = engine.prepare(_request("tom has 5 apples", 1, gen_length=16))
+    wide = engine.prepare(_request("hi", 2, gen_length=64))
+    later = engine.prepare(_request("ho", 3, gen_length=16))
+    context = len(running.prompt_ids) + 63  # the running prompt with the wide generation: one too many
+    assert not canvas_fits([running, wide], context) and canvas_fits([running, later], context)
+    assert canvas_fits([running, wide], None)
+    queue = deque([wide, later])
+    assert take_joiners(queue, running, slots=8, context=context) == []  # first come, first served
+    assert list(queue) == [wide, later]
+    assert take_joiners(deque([wide, later]), running, slots=8) == [wide, later]  # no limit: both join
+    queue = deque([running, wide, later])
+    assert take_batch(queue, 8, context=context) == [running, later] and list(queue) == [wide]
+
+
+def _request_with(prompt, seed, strategy, gen_length, **kw):
+    from unmask.serve.engine import GenerationRequest
+
+    return GenerationRequest(prompt, chat=False, seed=seed, strategy=strategy, gen_length=gen_length, **kw)

@@ -9,17 +9,21 @@ context), queued in a bounded queue, and decoded by one worker thread with the o
 
 Batching decisions live in two places. `take_batch` starts a decode: the oldest waiting request and
 every other waiting request that can share it, up to `max_batch_size`. With `batching="continuous"`
-(the default) requests share a decode when they agree on strategy, params, gen/block length and
-cache mode, whatever their seeds, sampling temperatures, `max_tokens` and `stop`; `take_joiners` then lets waiting
+(the default) requests share a decode when they agree on strategy, params, block length and
+cache mode, whatever their seeds, sampling temperatures, generation lengths, `max_tokens` and `stop`; `take_joiners` then lets waiting
 requests join the running decode before each model call, as soon as a slot is free (a finished
 sequence leaves the batch at once and its answer is sent), so a request waits at most one model
 call for a slot rather than a whole batch. Prompts are left padded to the longest in the decode (a
-longer joiner widens the prompt region of every row); nothing joins past a waiting request of
-another kind (first come, first served), and a decode takes in at most `max_run_rows` sequences. Each sequence has its own
+longer joiner widens the prompt region of every row), and generations right padded to the longest
+(a joiner with a longer gen_length widens the generation region of every row; a shorter sequence
+never attends to, commits or reports its padding, and leaves after its own last block); nothing
+joins past a waiting request of another kind, or one whose prompt and generation would widen the
+canvas past the model's context (first come, first served: the decode drains and that request
+starts the next), and a decode takes in at most `max_run_rows` sequences. Each sequence has its own
 generator, counters and policy state, so a request decodes to the same tokens whatever joins or
 leaves around it. A policy that prepares per batch (the oracle) and `batching="static"` decode
-each batch to completion, requests arriving meanwhile waiting for the next one (seeds must agree
-too). A decode that raises fails every unfinished request of its batch with an "error" event
+each batch to completion, requests arriving meanwhile waiting for the next one (seeds and
+temperatures must agree too; generation lengths may differ). A decode that raises fails every unfinished request of its batch with an "error" event
 (status 500 for NaN logits or a bug, with the error's text; 400 for an `UnmaskError`) and the worker
 goes on with the next batch; jobs still queued when the engine stops get a 503.
 """
@@ -71,7 +75,7 @@ class GenerationRequest:
     prompt_field: str = "prompt"  # where the prompt came from ("prompt" or "messages")
     strategy: str | None = None  # NAME or NAME:key=value,...; None: the engine's default
     strategy_params: dict[str, Any] | None = None  # merged over the string's params
-    gen_length: int | None = None  # the canvas; None: the model's default
+    gen_length: int | None = None  # the generation's length; None: the model's default
     block_length: int | None = None
     seed: int = 0
     max_tokens: int | None = None  # limit on the answer, not the canvas
@@ -80,20 +84,29 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class BatchKey:
-    """What requests must share to be decoded in one `generate` call."""
+    """A request's decode settings; `shared()` and `static()` say what requests of one decode must agree on."""
 
     strategy: str
     params: str  # the resolved parameters as canonical JSON
-    gen_length: int
-    block_length: int
+    gen_length: int  # the request's own (a decode's canvas is its longest)
+    block_length: int  # a whole-generation policy's is its gen_length, and is not shared
     seed: int
     cache: str
+    whole_generation: bool = False  # the policy ignores blocks (one_shot)
 
     def shared(self) -> tuple:
-        """What a continuous decode's sequences must agree on: everything but the seed and the
-        sampling temperature (each sequence samples with its own)."""
+        """What a continuous decode's sequences must agree on: everything but the seed, the sampling
+        temperature (each sequence samples with its own) and the gen_length (each sequence decodes
+        its own length in the decode's canvas). A whole-generation policy's block is each sequence's
+        whole generation, so its block length is not shared either."""
         params = {k: v for k, v in json.loads(self.params).items() if k != "temperature"}
-        return (self.strategy, json.dumps(params, sort_keys=True), self.gen_length, self.block_length, self.cache)
+        block = None if self.whole_generation else self.block_length
+        return (self.strategy, json.dumps(params, sort_keys=True), block, self.cache)
+
+    def static(self) -> tuple:
+        """What a static batch's sequences must agree on: everything but the gen_length."""
+        block = None if self.whole_generation else self.block_length
+        return (self.strategy, self.params, block, self.seed, self.cache)
 
 
 @dataclass
@@ -158,11 +171,18 @@ def _take(queue: deque, accept: Callable[[Job, list[Job]], bool], dropped: list 
     return chosen
 
 
-def take_batch(queue: deque, max_batch_size: int, dropped: list | None = None) -> list[Job]:
+def canvas_fits(jobs: Sequence[Job], context: int | None) -> bool:
+    """Whether one decode's canvas can hold `jobs`: prompts left padded to the longest, generations
+    right padded to the longest, within `context` positions (None: no limit)."""
+    return context is None or max(len(j.prompt_ids) for j in jobs) + max(j.key.gen_length for j in jobs) <= context
+
+
+def take_batch(queue: deque, max_batch_size: int, dropped: list | None = None, context: int | None = None) -> list[Job]:
     """The one batching decision: the oldest live job and the waiting jobs that can share its decode.
 
-    Removes the chosen jobs (and any cancelled ones met on the way, appended to `dropped`) from
-    `queue`; the others keep their order.
+    `context`: the model's context, which the decode's canvas must fit in. Removes the chosen jobs
+    (and any cancelled ones met on the way, appended to `dropped`) from `queue`; the others keep
+    their order.
     """
     def accept(job: Job, batch: list[Job]) -> bool:
         if not batch:
@@ -170,8 +190,8 @@ def take_batch(queue: deque, max_batch_size: int, dropped: list | None = None) -
         if batch[0].continuous:
             fits = job.continuous and job.key.shared() == batch[0].key.shared()
         else:
-            fits = job.key == batch[0].key
-        return fits and len(batch) < max_batch_size
+            fits = not job.continuous and job.key.static() == batch[0].key.static()
+        return fits and len(batch) < max_batch_size and canvas_fits(batch + [job], context)
 
     return _take(queue, accept, dropped)
 
@@ -194,19 +214,23 @@ def _temperature(job: Job) -> float:
     return float(job.params.get("temperature", 0.0) or 0.0)
 
 
-def take_joiners(queue: deque, first: Job, slots: int, dropped: list | None = None) -> list[Job]:
+def take_joiners(queue: deque, first: Job, slots: int, dropped: list | None = None,
+                 running: Sequence[Job] = (), context: int | None = None) -> list[Job]:
     """Waiting jobs that can join `first`'s running continuous decode now, oldest first, at most `slots`.
 
-    A joiner agrees with `first` on everything but the seed and the temperature (a longer prompt
-    widens the decode's prompt region), and waits ahead of every job of another kind: once one of
-    those is waiting, nothing more joins, the decode drains and that job starts the next one (so a
-    request of another kind waits at most one decode). Removes them (and cancelled jobs met on the
-    way, appended to `dropped`).
+    A joiner agrees with `first` on everything but the seed, the temperature and the gen_length (a
+    longer prompt widens the decode's prompt region, a longer generation its generation region),
+    and waits ahead of every job of another kind: once one of those is waiting, nothing more joins,
+    the decode drains and that job starts the next one (so a request of another kind waits at most
+    one decode). A job that would widen the canvas of the decode (its `running` jobs and the joiners)
+    past `context` positions counts as one of another kind. Removes them (and cancelled jobs met on
+    the way, appended to `dropped`).
     """
     blocked = []  # first-come first-served: nothing joins past a waiting job of another kind
 
     def accept(job: Job, joiners: list[Job]) -> bool:
         fits = job.continuous and job.key.shared() == first.key.shared()
+        fits = fits and canvas_fits([first, *running, *joiners, job], context)
         if not fits:
             blocked.append(job)
         return not blocked and fits and len(joiners) < slots
@@ -309,9 +333,11 @@ class Engine:
                 f"context of {model.max_length}; shorten the prompt or lower gen_length",
                 field=field_,
             )
+        # a step count that cannot split over this request's blocks fails here, never in a shared decode
+        policy.check_lengths(model, config)
         params = policy.params
         key = BatchKey(policy.name, json.dumps(params, sort_keys=True, default=str), config.gen_length,
-                       config.block_length, config.seed, config.cache)
+                       config.block_length, config.seed, config.cache, policy.whole_generation)
         tracker = AnswerTracker(self._decode_text, model.stop_ids, request.max_tokens, request.stop)
         continuous = self.config.batching == "continuous" and policy.continuous
         return Job(prompt_ids=prompt_ids, key=key, strategy=policy.name, params=params, tracker=tracker,
@@ -395,7 +421,7 @@ class Engine:
                     self._queue.clear()
                     break
                 dropped: list[Job] = []
-                batch = take_batch(self._queue, self.config.max_batch_size, dropped)
+                batch = take_batch(self._queue, self.config.max_batch_size, dropped, self.model.max_length)
                 self.running = len(batch)
                 self.stats["cancelled"] += len(dropped)  # their clients left while they waited
             for job in dropped:
@@ -425,7 +451,7 @@ class Engine:
         self.stats["batches"] += 1
         self._count_batch(len(jobs))
 
-        def admit(width: int, rows: int) -> list[tuple[list[int], int, float]]:
+        def admit(width: int, rows: int) -> list[tuple[list[int], int, float, int]]:
             slots = min(cfg.max_batch_size - (rows - len(left)), limit - rows)
             if slots <= 0:
                 return []
@@ -433,7 +459,7 @@ class Engine:
             with self._cond:
                 if self._stopping:
                     return []
-                joiners = take_joiners(self._queue, jobs[0], slots, dropped)
+                joiners = take_joiners(self._queue, jobs[0], slots, dropped, jobs, self.model.max_length)
                 self.stats["cancelled"] += len(dropped)
             for job in dropped:
                 self._emit(job, Event("cancelled"))
@@ -442,7 +468,7 @@ class Engine:
             joined_at.extend([now] * len(joiners))
             self.running = len(jobs) - len(left)
             self._count_batch(self.running, joined=len(joiners))
-            return [(job.prompt_ids, job.key.seed, _temperature(job)) for job in joiners]
+            return [(job.prompt_ids, job.key.seed, _temperature(job), job.key.gen_length) for job in joiners]
 
         def on_block(row: int, block_index: int, tokens: list[int]) -> None:
             delta = jobs[row].tracker.update(tokens)
@@ -463,13 +489,15 @@ class Engine:
 
         try:
             policy = build_policy(key.strategy, jobs[0].params)
-            config = DecodeConfig(gen_length=key.gen_length, block_length=key.block_length, cache=key.cache,
-                                  seed=key.seed).resolved(self.model.defaults)
-            policy.prepare(self.model, [job.prompt_ids for job in jobs], config)
+            lengths = [job.key.gen_length for job in jobs]
+            canvas = max(lengths)  # a joiner with a longer generation widens it
+            config = DecodeConfig(gen_length=canvas, block_length=canvas if key.whole_generation else key.block_length,
+                                  cache=key.cache, seed=key.seed).resolved(self.model.defaults)
+            policy.prepare(self.model, [job.prompt_ids for job in jobs], config, gen_lengths=lengths)
             Decoder(self.model, policy, config, on_block=on_block, cancelled=cancelled).run(
                 [job.prompt_ids for job in jobs], seeds=[job.key.seed for job in jobs],
                 temperatures=[_temperature(job) for job in jobs], admit=admit if continuous else None,
-                on_finish=on_finish)
+                on_finish=on_finish, gen_lengths=lengths)
         except Exception as exc:
             unfinished = [row for row in range(len(jobs)) if row not in left or not continuous]
             self._fail([jobs[row] for row in unfinished], exc, rows=unfinished)
