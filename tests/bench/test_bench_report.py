@@ -99,3 +99,31 @@ def test_row_line_names_the_strategy_and_its_figures():
     line = row_line(_row("threshold", 19.26, 0.886, 0.855, 0.911, {"tau": 0.9}))
     assert line.startswith("threshold ")
     assert "accuracy 0.886 (0.855-0.911)" in line and "NFE  19.26" in line and "n=160" in line
+
+
+def test_results_md_gives_each_rows_share_of_the_oracle_tpf(tmp_path):
+    from unmask.bench.report import write_markdown
+
+    # by hand: TPF = 48 / NFE, so a row's share is the oracle's NFE over its own: psd 5.7 / 9.2 = 62%,
+    # threshold 5.7 / 19.3 = 30%, one_shot 5.7 / 1.0 = 570% (it decides everything in one call)
+    results = {**RESULTS, "seed": 0, "device": "cpu"}
+    write_markdown(results, tmp_path / "results.md")
+    lines = {line.split("|")[2].strip(): [c.strip() for c in line.split("|")] for line in
+             (tmp_path / "results.md").read_text().splitlines() if line.startswith("| ") and "`" in line}
+    header = [c.strip() for c in (tmp_path / "results.md").read_text().splitlines()[4].split("|")]
+    col = header.index("of oracle TPF")
+    assert lines["`psd`"][col] == "62%"
+    assert lines["`threshold`"][col] == "30%"
+    assert lines["`one_shot`"][col] == "570%"
+    assert lines["`oracle`"][col] == "100%"
+
+
+def test_without_an_oracle_row_the_share_is_a_dash(tmp_path):
+    from unmask.bench.report import write_markdown
+
+    results = {**RESULTS, "rows": [r for r in CROWDED if r["strategy"] != "oracle"], "seed": 0, "device": "cpu"}
+    write_markdown(results, tmp_path / "results.md")
+    header = [c.strip() for c in (tmp_path / "results.md").read_text().splitlines()[4].split("|")]
+    col = header.index("of oracle TPF")
+    rows = [line.split("|") for line in (tmp_path / "results.md").read_text().splitlines() if "`psd`" in line]
+    assert rows[0][col].strip() == "—"
