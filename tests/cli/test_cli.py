@@ -104,7 +104,7 @@ def test_bench_default_is_the_main_comparison_and_all_is_every_policy(tiny_check
     assert main(["bench", "--model", tiny_checkpoint, "--limit", "1", "--all", "--out", str(tmp_path / "all"),
                  "--quiet"]) == 0
     rows = json.loads((tmp_path / "all" / "results.json").read_text())["rows"]
-    assert [r["strategy"] for r in rows] == [n for n in policy_names() if n != "tspd"]
+    assert [r["strategy"] for r in rows] == [n for n in policy_names() if n not in ("tspd", "learned_drafts")]
 
 
 def test_bench_all_and_strategy_together_is_refused(tiny_checkpoint, capsys):

@@ -71,7 +71,9 @@ def test_cached_decodes_are_batch_invariant_for_every_policy(mode, make, tmp_pat
     model = make(gen_length=16, block_length=8)
     # tspd (with CE) runs with an untrained, seeded controller
     specs = {name: name for name in policy_names()}
-    specs["tspd"] = f"tspd:tau=0.5,ce=true,controller={write_tiny_controller(tmp_path / 'controller')}"
+    folder = write_tiny_controller(tmp_path / "controller")
+    specs["tspd"] = f"tspd:tau=0.5,ce=true,controller={folder}"
+    specs["learned_drafts"] = f"learned_drafts:tau=0.5,controller={folder}"
     for name, spec in specs.items():
         batch = generate(model, PROMPTS, spec, cache=mode)
         for prompt, seq in zip(PROMPTS, batch.sequences):

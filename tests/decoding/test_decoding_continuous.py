@@ -23,7 +23,9 @@ SPEC["threshold"] = "threshold:tau=0.3"
 
 @pytest.fixture(scope="module", autouse=True)
 def _controller(tmp_path_factory):
-    SPEC["tspd"] = f"tspd:tau=0.5,ce=true,controller={write_tiny_controller(tmp_path_factory.mktemp('c'))}"
+    folder = write_tiny_controller(tmp_path_factory.mktemp("c"))
+    SPEC["tspd"] = f"tspd:tau=0.5,ce=true,controller={folder}"
+    SPEC["learned_drafts"] = f"learned_drafts:tau=0.5,controller={folder}"
 
 
 def _continuous(model, spec, cache, finished, temps=None):

@@ -36,6 +36,7 @@ def _tspd_controller(tmp_path_factory):
     0.5 makes it commit several positions per call on these tiny models."""
     folder = write_tiny_controller(tmp_path_factory.mktemp("controller"))
     SPEC["tspd"] = f"tspd:tau=0.5,ce=true,controller={folder}"
+    SPEC["learned_drafts"] = f"learned_drafts:tau=0.5,controller={folder}"
 
 
 def spec_of(name: str, temperature: float = 0.0) -> str:

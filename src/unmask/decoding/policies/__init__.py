@@ -4,6 +4,7 @@ from unmask.decoding.policies import (  # noqa: F401
     ce,
     entropy,
     factor,
+    learned_drafts,
     low_confidence,
     margin,
     one_shot,

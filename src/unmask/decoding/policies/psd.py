@@ -95,7 +95,6 @@ class PSD(Policy):
     def decide(self, view, state):
         cfg = self.config
         commit = self._unmask(view)
-        committed = torch.where(commit, view.candidate, view.tokens)
         remaining = view.masked & ~commit
         n_remaining = remaining.sum(-1)
         if cfg.group:
@@ -104,36 +103,65 @@ class PSD(Policy):
             group = commit.sum(-1).clamp(min=1)
         else:  # the rule's simulated next step on what is still masked
             group = torch.full_like(n_remaining, cfg.k if cfg.unmask == "topk" else 1)
-        depth_row = torch.minimum((n_remaining + group - 1) // group, torch.full_like(n_remaining, cfg.depth))
-        if cfg.adaptive_depth:
-            depth_row = torch.minimum(depth_row, state["last_depth"][view.rows] + 1)
-        depth = int(depth_row.max()) if depth_row.numel() else 0
-        if depth == 0:
-            return Decision(commit=commit)
-        # rank of each remaining position by confidence (0 = most confident), then its group (1-based)
-        score = view.confidence.masked_fill(~remaining, float("-inf"))
-        order = torch.sort(score, dim=-1, descending=True, stable=True).indices
-        ranks = torch.empty_like(order)
-        ranks.scatter_(-1, order, torch.arange(score.shape[-1], device=score.device).expand_as(order))
-        group_of = ranks // group[:, None] + 1  # (batch, block)
-        levels = torch.arange(1, depth + 1, device=score.device)[None, :, None]  # (1, K, 1)
-        # a sequence that needs fewer levels than the batch repeats its deepest draft (no new tokens)
-        take = remaining[:, None] & (group_of[:, None] <= torch.minimum(levels, depth_row[:, None, None]))
-        drafts = torch.where(take, view.top1[:, None], committed[:, None])  # (batch, K, block)
+        cap = state["last_depth"][view.rows] + 1 if cfg.adaptive_depth else None
+        drafts = nested_drafts(view, commit, view.confidence, group, cfg.depth, cap)
         return Decision(commit=commit, drafts=drafts)
 
     def accept(self, view, state, candidates, draft_top1, draft_conf):
-        new = candidates[:, 1:] != candidates[:, :-1]  # (batch, K, block): group G_j of draft j
-        # G_j disagrees with the call on draft j-1 (or agrees with less than accept_tau probability)
-        wrong = new & ((candidates[:, 1:] != draft_top1[:, :-1]) | (draft_conf[:, :-1] < self.config.accept_tau))
-        # a level with no new token (the row needed fewer drafts than the batch) confirms nothing
-        ok = ~wrong.any(-1) & new.any(-1)  # (batch, K); empty levels only ever trail the full ones
-        depth = torch.cumprod(ok.long(), dim=-1).sum(-1)  # deepest k with every level up to k consistent
-        drafted = new.any(-1).sum(-1)
+        depth, drafted, events = hierarchical_depth(candidates, draft_top1, draft_conf, self.config.accept_tau)
         # only sequences that drafted learn from this call (a sequence with nothing to draft keeps
         # its history, alone or in a batch)
         state["last_depth"][view.rows[drafted > 0]] = depth[drafted > 0]
-        per_level = new.sum(-1)  # (batch, K) tokens each group adds
-        levels = torch.arange(per_level.shape[1], device=per_level.device)[None, :]
-        accepted = (per_level * (levels < depth[:, None])).sum(-1)
-        return depth, {"drafts_built": drafted.float(), "draft_depth_accepted": depth.float(), "draft_tokens_accepted": accepted.float()}
+        return depth, events
+
+
+def nested_drafts(view, commit: torch.Tensor, score: torch.Tensor, group: torch.Tensor, depth: int,
+                  cap: torch.Tensor | None = None) -> torch.Tensor | None:
+    """PSD's nested drafts D1 ⊂ ... ⊂ DK of the block: (batch, K, block), or None if none is needed.
+
+    The positions left masked after `commit` are ranked by `score` (highest first) and cut into
+    groups of `group[b]` positions; draft k is the committed block plus groups 1..k filled with
+    this call's top-1. A row needs ceil(remaining / group) levels, at most `depth` (and at most
+    `cap[b]`); a row that needs fewer levels than the batch repeats its deepest draft (no new tokens).
+    """
+    committed = torch.where(commit, view.candidate, view.tokens)
+    remaining = view.masked & ~commit
+    n_remaining = remaining.sum(-1)
+    depth_row = torch.minimum((n_remaining + group - 1) // group, torch.full_like(n_remaining, depth))
+    if cap is not None:
+        depth_row = torch.minimum(depth_row, cap)
+    levels_needed = int(depth_row.max()) if depth_row.numel() else 0
+    if levels_needed == 0:
+        return None
+    # rank of each remaining position (0 = highest score), then its group (1-based)
+    score = score.masked_fill(~remaining, float("-inf"))
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(score.shape[-1], device=score.device).expand_as(order))
+    group_of = ranks // group[:, None] + 1  # (batch, block)
+    levels = torch.arange(1, levels_needed + 1, device=score.device)[None, :, None]  # (1, K, 1)
+    take = remaining[:, None] & (group_of[:, None] <= torch.minimum(levels, depth_row[:, None, None]))
+    return torch.where(take, view.top1[:, None], committed[:, None])
+
+
+def hierarchical_depth(candidates, draft_top1, draft_conf, accept_tau: float = 0.0):
+    """PSD's hierarchical acceptance: (accepted depth, levels built, events) per sequence.
+
+    candidates: (batch, K+1, block) the committed block (depth 0) and the drafts; draft_top1 and
+    draft_conf: the argmax predicted on each of those canvases and its probability. The accepted
+    depth is the deepest k such that every group G_j (j <= k), the tokens draft j adds, equals the
+    argmax predicted on draft j-1 (with probability >= accept_tau).
+    """
+    new = candidates[:, 1:] != candidates[:, :-1]  # (batch, K, block): group G_j of draft j
+    # G_j disagrees with the call on draft j-1 (or agrees with less than accept_tau probability)
+    wrong = new & ((candidates[:, 1:] != draft_top1[:, :-1]) | (draft_conf[:, :-1] < accept_tau))
+    # a level with no new token (the row needed fewer drafts than the batch) confirms nothing
+    ok = ~wrong.any(-1) & new.any(-1)  # (batch, K); empty levels only ever trail the full ones
+    depth = torch.cumprod(ok.long(), dim=-1).sum(-1)  # deepest k with every level up to k consistent
+    drafted = new.any(-1).sum(-1)
+    per_level = new.sum(-1)  # (batch, K) tokens each group adds
+    levels = torch.arange(per_level.shape[1], device=per_level.device)[None, :]
+    accepted = (per_level * (levels < depth[:, None])).sum(-1)
+    events = {"drafts_built": drafted.float(), "draft_depth_accepted": depth.float(),
+              "draft_tokens_accepted": accepted.float()}
+    return depth, drafted, events

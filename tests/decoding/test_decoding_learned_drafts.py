@@ -1,0 +1,158 @@
+"""learned_drafts: the united commit rule, drafts in controller order, verification, worked by hand."""
+
+import pytest
+import torch
+
+from unmask.decoding import generate
+from unmask.decoding.features import FEATURE_GROUPS
+from unmask.decoding.policies.learned_drafts import LearnedDrafts, LearnedDraftsConfig
+from unmask.errors import UnmaskError
+from unmask.testing import make_view, peaked, scripted_model, tiny_tokenizer
+
+TOK = tiny_tokenizer()
+V = len(TOK.hf)
+MASK = TOK.hf.convert_tokens_to_ids("<|mdm_mask|>")
+GEN = 8
+TARGET = [TOK.token_id(w) for w in "tom has 5 apples and ann has 3".split()]
+CONF = [0.95, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2]
+WRONG = TOK.token_id("dogs")
+
+
+class StubController:
+    """P(final) read from a fixed table (block,), the same for every row and call."""
+
+    groups = tuple(FEATURE_GROUPS)
+    window = 1
+
+    def __init__(self, table):
+        self.table = torch.as_tensor(table, dtype=torch.float32)
+
+    def probability(self, windows):
+        return self.table.expand(windows.shape[0], -1)
+
+
+def _policy(table, **config):
+    return LearnedDrafts(LearnedDraftsConfig(**config), controller=StubController(table))
+
+
+def _decide(policy, conf, masked):
+    view = make_view(peaked([2, 3, 4, 5, 6], conf, 12), masked=masked)
+    state = policy.init_state(1, 5, torch.device("cpu"))
+    decision = policy.decide(view, state)
+    decision.view_tokens = view.tokens[0]
+    return decision
+
+
+def _drafted(decision, view_tokens):
+    """The positions each level adds to the committed block, level by level."""
+    d = decision.drafts[0]
+    prev = torch.where(decision.commit[0], torch.tensor([2, 3, 4, 5, 6]), view_tokens)
+    out = []
+    for k in range(d.shape[0]):
+        out.append((d[k] != prev).nonzero().squeeze(1).tolist())
+        prev = d[k]
+    return out
+
+
+CONF5 = [0.95, 0.3, 0.5, 0.45, 0.4]
+TABLE5 = [0.2, 0.3, 0.8, 0.1, 0.6]
+
+
+def test_commits_what_the_controller_or_the_confidence_trusts():
+    # position 0: confidence 0.95 >= 0.9; position 2: P 0.8 > tau 0.7; position 4: P 0.6, not > 0.7
+    decision = _decide(_policy(TABLE5, tau=0.7, depth=0), CONF5, [[True] * 5])
+    assert decision.commit[0].tolist() == [True, False, True, False, False]
+    assert decision.drafts is None  # depth 0: no drafts
+
+
+def test_with_nothing_trusted_the_most_probable_by_the_controller_is_committed():
+    # nothing reaches P > 0.9 or confidence >= 0.96: the highest P(final), position 2 (0.8), goes,
+    # not the most confident (position 0)
+    decision = _decide(_policy(TABLE5, conf_tau=0.96, depth=0), CONF5, [[True] * 5])
+    assert decision.commit[0].tolist() == [False, False, True, False, False]
+
+
+@pytest.mark.parametrize("order, levels", [
+    # after committing position 0 (0.95), the rest ranked by P(final) 0.8 (2), 0.6 (4), 0.3 (1), 0.1 (3)
+    ("controller", [[2], [4], [1]]),
+    # by confidence 0.5 (2), 0.45 (3), 0.4 (4), 0.3 (1): PSD's order
+    ("confidence", [[2], [3], [4]]),
+    # left to right
+    ("position", [[1], [2], [3]]),
+])
+def test_drafts_one_position_per_level_in_the_chosen_order(order, levels):
+    decision = _decide(_policy(TABLE5, order=order), CONF5, [[True] * 5])
+    assert decision.commit[0].tolist() == [True, False, False, False, False]
+    assert _drafted(decision, decision.view_tokens) == levels
+    # every level holds the committed block plus the drafted positions' top-1 (tokens 2..6 here)
+    assert decision.drafts[0, -1].tolist() == [2 if p == 0 else (p + 2 if [p] in levels else 0) for p in range(5)]
+
+
+def test_a_block_with_fewer_masked_positions_than_the_depth_drafts_them_all():
+    decision = _decide(_policy(TABLE5), CONF5, [[False, True, False, True, False]])
+    # masked: 1 (P 0.3, conf 0.3), 3 (P 0.1): nothing trusted, 1 is forced; 3 is the only draft
+    assert decision.commit[0].tolist() == [False, True, False, False, False]
+    assert _drafted(decision, decision.view_tokens) == [[3]]
+
+
+def _model(break_at=None):
+    """Scripted LLaDA: predicts TARGET with CONF everywhere; with `break_at=(p, q)`, position p
+    predicts WRONG while position q is filled and p still masked."""
+
+    def rule(row, gen_start):
+        probs = torch.full((row.shape[0], V), 1.0 / V)
+        targets = list(TARGET)
+        gen = row[gen_start:]
+        if break_at is not None and gen[break_at[1]] != MASK and gen[break_at[0]] == MASK:
+            targets[break_at[0]] = WRONG
+        probs[gen_start:] = peaked(targets, CONF, V)
+        return probs
+
+    return scripted_model(rule, gen_length=GEN, block_length=GEN, tokenizer=TOK)
+
+
+RISING = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]  # P(final) favours the right end of the block
+
+
+def test_a_decode_drafts_in_controller_order_and_verifies_in_the_same_call():
+    # call 1: plain forward; commits 0 (0.95); nothing else is trusted (P <= 0.9, conf < 0.9);
+    #         drafts by P(final): {7}, {7, 6}, {7, 6, 5}
+    # call 2: scores x0 and the 3 drafts (4 rows); every level is confirmed: depth 3. Its logits are
+    #         the next step: 1..4 left, none trusted, the most probable (4, P 0.5) is committed;
+    #         drafts {3}, {3, 2}, {3, 2, 1}
+    # call 3: 4 rows, depth 3: the block is full
+    model = _model()
+    policy = _policy(RISING)
+    seq = generate(model, ["hello"], policy, record_trace=True).sequences[0]
+    assert model.network.calls == [1, 4, 4]
+    assert (seq.nfe, seq.rows) == (3, 9)
+    assert seq.tokens == TARGET
+    assert seq.trace.tokens_after[0].tolist() == TARGET[:1] + [MASK] * 4 + TARGET[5:]
+    assert seq.events["draft_tokens_accepted"] == 6
+
+
+def test_a_level_the_model_does_not_confirm_is_never_committed():
+    # position 6 predicts WRONG once 7 is filled: level 2 (adding 6 = 'has') is not confirmed by the
+    # call on level 1, so call 2 keeps depth 1: 0 and 7 only. 6 is then decided from level 1's logits
+    # (where it says WRONG), never as the rejected draft
+    model = _model(break_at=(6, 7))
+    seq = generate(model, ["hello"], _policy(RISING), record_trace=True).sequences[0]
+    assert seq.trace.tokens_after[0].tolist() == TARGET[:1] + [MASK] * 6 + TARGET[7:]
+    assert seq.tokens[6] == WRONG
+    assert seq.events["draft_depth_accepted"] >= 1
+
+
+def test_bad_settings_are_refused_with_the_field_named():
+    for bad in ({"order": "random"}, {"depth": 17}, {"conf_tau": 0.0}, {"ce": True}):
+        with pytest.raises(UnmaskError) as err:
+            LearnedDraftsConfig(**bad).validate()
+        assert err.value.field == next(iter(bad))
+
+
+def test_without_a_controller_it_says_how_to_get_one(tmp_path):
+    from unmask.testing import tiny_llada
+
+    model = tiny_llada(gen_length=8, block_length=8)
+    model.path = str(tmp_path)
+    reason = LearnedDrafts().unavailable(model)
+    assert "no TSPD controller" in reason and "unmask train controller" in reason
