@@ -98,7 +98,8 @@ def cmd_strategies(args) -> int:
         print(f"{'':<16} parameters: {params}")
         if departures:
             print(f"{'':<16} departures from the paper (options, off by default): {departures}")
-    print("\nDefaults are each method's paper setting (its public code's where the paper is silent).")
+    print("\nDefaults are each method's paper setting (its public code's where the paper is silent); "
+          "learned_drafts is unmask's own, its defaults chosen on the dev split (docs/methods.md).")
     return 0
 
 
