@@ -367,6 +367,36 @@ def peaked(targets, confidences, vocab_size: int) -> torch.Tensor:
     return probs
 
 
+DRAFT_WORDS = "tom has 5 apples and ann has 3".split()
+DRAFT_CONFIDENCES = (0.95, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2)
+
+
+def drafting_model(break_at: tuple[int, int] | None = None, confidences=DRAFT_CONFIDENCES) -> DiffusionLM:
+    """A scripted LLaDA (one block of 8) for drafting tests, whatever the context.
+
+    It predicts `DRAFT_WORDS` with `confidences` at every position. With `break_at=(p, q)`, position
+    p predicts "dogs" instead while position q is filled and p is still masked (a draft that the
+    call on a shallower canvas does not confirm). `drafting_model().network.calls` lists the rows
+    of each call.
+    """
+    tokenizer = tiny_tokenizer()
+    vocab = len(tokenizer.hf)
+    mask = tokenizer.hf.convert_tokens_to_ids("<|mdm_mask|>")
+    targets = [tokenizer.token_id(w) for w in DRAFT_WORDS]
+    wrong = tokenizer.token_id("dogs")
+
+    def rule(row, gen_start):
+        probs = torch.full((row.shape[0], vocab), 1.0 / vocab)
+        said = list(targets)
+        gen = row[gen_start:]
+        if break_at is not None and gen[break_at[1]] != mask and gen[break_at[0]] == mask:
+            said[break_at[0]] = wrong
+        probs[gen_start:] = peaked(said, confidences, vocab)
+        return probs
+
+    return scripted_model(rule, gen_length=len(targets), block_length=len(targets), tokenizer=tokenizer)
+
+
 def make_view(probs, masked=None, stable=None, mask_id: int = 0, block_step: int = 0, rows=None):
     """A `StepView` for one block built from hand-made probabilities (batch, block, vocab).
 

@@ -1,17 +1,8 @@
 """benchmarks/oracle_gap.py: the oracle's low-confidence commits and the drafting chain's levels, by hand."""
 
 import pytest
-import torch
 
-from unmask.testing import peaked, scripted_model, tiny_tokenizer
-
-TOK = tiny_tokenizer()
-V = len(TOK.hf)
-MASK = TOK.hf.convert_tokens_to_ids("<|mdm_mask|>")
-TARGET = [TOK.token_id(w) for w in "tom has 5 apples and ann has 3".split()]
-CONF = [0.95, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2]
-WRONG = TOK.token_id("dogs")
-
+from unmask.testing import drafting_model
 
 class Task:
     def messages(self, problem):
@@ -19,18 +10,9 @@ class Task:
 
 
 def _model(break_3=False):
-    """Predicts TARGET with CONF; with break_3, position 3 says WRONG while 1 is filled and 3 masked."""
-
-    def rule(row, gen_start):
-        probs = torch.full((row.shape[0], V), 1.0 / V)
-        targets = list(TARGET)
-        gen = row[gen_start:]
-        if break_3 and gen[1] != MASK and gen[3] == MASK:
-            targets[3] = WRONG
-        probs[gen_start:] = peaked(targets, CONF, V)
-        return probs
-
-    return scripted_model(rule, gen_length=8, block_length=8, tokenizer=TOK)
+    """Predicts "tom has 5 apples and ann has 3" with probabilities 0.95, 0.5, 0.45, ..., 0.2; with
+    break_3, position 3 says something else while 1 is filled and 3 masked."""
+    return drafting_model(break_at=(3, 1) if break_3 else None)
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,11 @@ from unmask.decoding import generate
 from unmask.decoding.features import FEATURE_GROUPS
 from unmask.decoding.policies.learned_drafts import LearnedDrafts, LearnedDraftsConfig
 from unmask.errors import UnmaskError
-from unmask.testing import make_view, peaked, scripted_model, tiny_tokenizer
+from unmask.testing import DRAFT_WORDS, drafting_model, make_view, peaked, tiny_tokenizer
 
 TOK = tiny_tokenizer()
-V = len(TOK.hf)
 MASK = TOK.hf.convert_tokens_to_ids("<|mdm_mask|>")
-GEN = 8
-TARGET = [TOK.token_id(w) for w in "tom has 5 apples and ann has 3".split()]
-CONF = [0.95, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2]
+TARGET = [TOK.token_id(w) for w in DRAFT_WORDS]
 WRONG = TOK.token_id("dogs")
 
 
@@ -96,19 +93,9 @@ def test_a_block_with_fewer_masked_positions_than_the_depth_drafts_them_all():
 
 
 def _model(break_at=None):
-    """Scripted LLaDA: predicts TARGET with CONF everywhere; with `break_at=(p, q)`, position p
-    predicts WRONG while position q is filled and p still masked."""
-
-    def rule(row, gen_start):
-        probs = torch.full((row.shape[0], V), 1.0 / V)
-        targets = list(TARGET)
-        gen = row[gen_start:]
-        if break_at is not None and gen[break_at[1]] != MASK and gen[break_at[0]] == MASK:
-            targets[break_at[0]] = WRONG
-        probs[gen_start:] = peaked(targets, CONF, V)
-        return probs
-
-    return scripted_model(rule, gen_length=GEN, block_length=GEN, tokenizer=TOK)
+    """Predicts TARGET with CONF everywhere; with `break_at=(p, q)`, position p predicts WRONG while
+    position q is filled and p still masked."""
+    return drafting_model(break_at=break_at)
 
 
 RISING = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]  # P(final) favours the right end of the block

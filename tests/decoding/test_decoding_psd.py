@@ -3,29 +3,20 @@
 import torch
 
 from unmask.decoding import generate, parse_strategy
-from unmask.testing import peaked, scripted_model, tiny_tokenizer
+from unmask.testing import DRAFT_CONFIDENCES, DRAFT_WORDS, drafting_model, peaked, scripted_model, tiny_tokenizer
 
 TOK = tiny_tokenizer()
 V = len(TOK.hf)
 MASK = TOK.hf.convert_tokens_to_ids("<|mdm_mask|>")
 GEN = 8
-TARGET = [TOK.token_id(w) for w in "tom has 5 apples and ann has 3".split()]
-CONF = [0.95, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2]
+TARGET = [TOK.token_id(w) for w in DRAFT_WORDS]
+CONF = list(DRAFT_CONFIDENCES)
 WRONG = TOK.token_id("dogs")
 
 
 def _model(break_depth2: bool = False):
-    def rule(row, gen_start):
-        probs = torch.full((row.shape[0], V), 1.0 / V)
-        targets = list(TARGET)
-        gen = row[gen_start:]
-        # position 3 (group G2) changes its mind once G1 (positions 1, 2) is filled
-        if break_depth2 and gen[1] != MASK and gen[3] == MASK:
-            targets[3] = WRONG
-        probs[gen_start:] = peaked(targets, CONF, V)
-        return probs
-
-    return scripted_model(rule, gen_length=GEN, block_length=GEN, tokenizer=TOK)
+    # position 3 (group G2) changes its mind once G1 (positions 1, 2) is filled
+    return drafting_model(break_at=(3, 1) if break_depth2 else None)
 
 
 PSD = "psd:tau=0.9,group=2,depth=3"
