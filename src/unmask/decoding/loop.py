@@ -365,13 +365,10 @@ class Decoder:
             row_gens = [generators[i] for i in idx.tolist()]
             row_temps = [temps[i] for i in idx.tolist()]
             sampled = [j for j, t in enumerate(row_temps) if t > 0]  # rows that sample draw from their generator
-            # a sequence draws noise for its own block only (a whole-generation block of a shorter
-            # sequence ends before the view's)
-            widths = row_block[idx].clamp(max=block_len).tolist()
-            if len(sampled) == b:
-                candidate = _gumbel_candidates(blk_logits, row_temps, row_gens, widths)
-                confidence = stats["log_probs"].gather(-1, candidate[..., None]).squeeze(-1).exp()
-            elif sampled:
+            if sampled:
+                # a sequence draws noise for its own block only (a whole-generation block of a
+                # shorter sequence ends before the view's)
+                widths = row_block[idx].clamp(max=block_len).tolist()
                 candidate = stats["top1"].clone()
                 candidate[sampled] = _gumbel_candidates(blk_logits[sampled], [row_temps[j] for j in sampled],
                                                         [row_gens[j] for j in sampled], [widths[j] for j in sampled])
