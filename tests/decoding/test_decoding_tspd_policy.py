@@ -28,10 +28,10 @@ class StubController:
         return self.table[: windows.shape[0]]
 
 
-def _decide(table, masked, tau=0.6, ce=False):
+def _decide(table, masked, tau=0.6, ce=False, conf_tau=None, confidences=(0.5,) * 5):
     controller = StubController(table)
-    policy = TSPD(TSPDConfig(tau=tau, ce=ce), controller=controller)
-    view = make_view(peaked([2, 3, 4, 5, 6], [0.5] * 5, V), masked=masked)
+    policy = TSPD(TSPDConfig(tau=tau, ce=ce, conf_tau=conf_tau), controller=controller)
+    view = make_view(peaked([2, 3, 4, 5, 6], list(confidences), V), masked=masked)
     state = policy.init_state(1, 5, torch.device("cpu"))
     return policy.decide(view, state), controller
 
@@ -46,6 +46,21 @@ def test_tspd_commits_exactly_the_masked_positions_whose_probability_exceeds_tau
 def test_tspd_commits_the_most_probable_position_when_none_exceeds_tau():
     decision, _ = _decide([[0.1, 0.3, 0.2, 0.5, 0.99]], [[True, True, True, True, False]])
     assert decision.commit[0].tolist() == [False, False, False, True, False]
+
+
+def test_conf_tau_adds_the_threshold_rule_to_the_controllers_commits():
+    # controller (tau 0.6): only position 1 (0.7) clears it; confidence >= 0.9: positions 0 (0.95)
+    # and 2 (0.92), and 4 (0.99) is decided already; position 3 clears neither (0.1, 0.3)
+    table = [[0.2, 0.7, 0.1, 0.1, 0.1]]
+    confidences = (0.95, 0.5, 0.92, 0.3, 0.99)
+    masked = [[True, True, True, True, False]]
+    paper, _ = _decide(table, masked, confidences=confidences)
+    assert paper.commit[0].tolist() == [False, True, False, False, False]  # the paper's rule: the controller alone
+    united, _ = _decide(table, masked, conf_tau=0.9, confidences=confidences)
+    assert united.commit[0].tolist() == [True, True, True, False, False]
+    # a confident position is committed even when the controller trusts nothing (no forced pick then)
+    alone, _ = _decide([[0.1, 0.3, 0.2, 0.5, 0.1]], masked, conf_tau=0.9, confidences=confidences)
+    assert alone.commit[0].tolist() == [True, False, True, False, False]
 
 
 def test_tspd_with_ce_still_commits_at_least_one():
@@ -83,7 +98,7 @@ def trained_controller(tiny, tmp_path_factory):
     return controller.save(tmp_path_factory.mktemp("controller")), median
 
 
-@pytest.mark.parametrize("options", [",tau=MID", ",ce=true", ",tau=MID,ce=true"])
+@pytest.mark.parametrize("options", [",tau=MID", ",ce=true", ",tau=MID,ce=true", ",conf_tau=0.9", ",ce=true,conf_tau=0.9"])
 def test_tspd_decodes_to_no_masks_and_is_batch_invariant(tiny, trained_controller, options):
     folder, median = trained_controller
     strategy = f"tspd:controller={folder}{options.replace('MID', f'{median:.4f}')}"
@@ -120,6 +135,11 @@ def test_tspd_options_are_validated():
     with pytest.raises(UnmaskError, match="tau"):
         parse_strategy("tspd:tau=1.5")
     assert parse_strategy("tspd:ce=true,tau=0.8").params["ce"] is True
+    for bad in ("0", "1.5", "-0.1"):
+        with pytest.raises(UnmaskError, match="conf_tau"):
+            parse_strategy(f"tspd:conf_tau={bad}")
+    assert parse_strategy("tspd").params["conf_tau"] is None  # the paper's rule: the controller alone
+    assert parse_strategy("tspd:conf_tau=0.9").params["conf_tau"] == 0.9
 
 
 def test_a_malformed_controller_folder_is_a_clear_error(tiny, tmp_path):

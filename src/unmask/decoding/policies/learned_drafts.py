@@ -19,7 +19,7 @@ ORDERS = ("controller", "confidence", "position")
 class LearnedDraftsConfig(TSPDConfig):
     # commit a masked position when the controller's P(final) exceeds tau or its confidence reaches
     # conf_tau (TSPD's rule and Fast-dLLM's, united); `tau` is also the controller's bar for `tspd`
-    conf_tau: float = 0.9
+    conf_tau: float | None = 0.9
     depth: int = 3  # drafts per call (levels of one position each), verified in the same call
     order: str = "controller"  # draft order: controller (P(final)), confidence (PSD's) or position (left to right)
 
@@ -27,8 +27,6 @@ class LearnedDraftsConfig(TSPDConfig):
         super().validate()
         if self.ce:
             raise UnmaskError("learned_drafts has no CE variant; use tspd:ce=true for that", field="ce")
-        if not 0.0 < self.conf_tau <= 1.0:
-            raise UnmaskError(f"conf_tau must be in (0, 1], got {self.conf_tau}", field="conf_tau")
         if not 0 <= self.depth <= 16:
             raise UnmaskError(f"depth must be between 0 and 16 drafts, got {self.depth}", field="depth")
         if self.order not in ORDERS:
@@ -61,6 +59,7 @@ class LearnedDrafts(TSPD):
 
     name = "learned_drafts"
     Config = LearnedDraftsConfig
+    departures = ()  # its own policy: conf_tau is part of its rule, not a departure from TSPD's paper
 
     def decide(self, view, state):
         if self.controller is None:
@@ -69,7 +68,7 @@ class LearnedDrafts(TSPD):
         cfg = self.config
         observation = self.tracker.update(view, state["features"])
         prob = self.controller_probability(view, state, observation)  # (b, block) P(final)
-        commit = view.masked & ((prob > cfg.tau) | (view.confidence >= cfg.conf_tau))
+        commit = self.base_commits(view, prob)
         none = ~commit.any(-1, keepdim=True)
         commit = commit | (most_confident(prob, view.masked) & none)
         if cfg.order == "controller":

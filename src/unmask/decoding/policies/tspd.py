@@ -23,6 +23,9 @@ class TSPDConfig(PolicyConfig):
     arch: str = "lstm"  # which controller beside the model: lstm (controller/, the paper's) or mlp (controller-mlp/)
     drop: str | None = None  # feature group left out; the controller must have been trained without it
     ce: bool = False  # add CE's look-ahead commits and holds (at CE's default settings)
+    # departure (off in the paper's setting): also commit masked positions whose confidence reaches
+    # conf_tau, Fast-dLLM's threshold rule beside the controller's
+    conf_tau: float | None = None
 
     def validate(self) -> None:
         super().validate()
@@ -32,6 +35,8 @@ class TSPDConfig(PolicyConfig):
             raise UnmaskError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {self.arch!r}", field="arch")
         if self.drop is not None and self.drop not in FEATURE_GROUPS:
             raise UnmaskError(f"drop must be one of {', '.join(FEATURE_GROUPS)}, got {self.drop!r}", field="drop")
+        if self.conf_tau is not None and not 0.0 < self.conf_tau <= 1.0:
+            raise UnmaskError(f"conf_tau must be in (0, 1], got {self.conf_tau}", field="conf_tau")
 
 
 @register_policy
@@ -67,10 +72,15 @@ class TSPD(Policy):
     `<model_dir>/controller-mlp/` (`arch=mlp`), with `-drop-GROUP` appended for `drop`. `drop` removes a
     feature group for the ablation and requires a controller trained without exactly that group.
     Per call the overhead is one feature pass and one small MLP or LSTM-cell step over the block.
+
+    Departure, off by default: `conf_tau=P` also commits masked positions whose confidence reaches P
+    (Fast-dLLM's threshold rule beside the controller's; CE's holds apply to them too). Measured
+    beside the paper's rule in docs/methods.md.
     """
 
     name = "tspd"
     Config = TSPDConfig
+    departures = ("conf_tau",)
 
     def __init__(self, config: TSPDConfig | None = None, controller=None):
         super().__init__(config)
@@ -161,12 +171,19 @@ class TSPD(Policy):
             buf[rows, pos] = after[k].to(buf.dtype)
         return torch.sigmoid(logits)
 
+    def base_commits(self, view, prob: torch.Tensor) -> torch.Tensor:
+        """Masked positions the controller trusts (P(final) > tau), or, with `conf_tau`, confident enough."""
+        base = view.masked & (prob > self.config.tau)
+        if self.config.conf_tau is not None:
+            base = base | (view.masked & (view.confidence >= self.config.conf_tau))
+        return base
+
     def decide(self, view, state):
         if self.controller is None:
             raise UnmaskError("tspd has no controller; decode through `generate` so that it is loaded", field="controller")
         observation = self.tracker.update(view, state["features"])
         prob = self.controller_probability(view, state, observation)  # (b, block)
-        base = view.masked & (prob > self.config.tau)
+        base = self.base_commits(view, prob)
         if self.extrapolation is None:
             return Decision(commit=with_progress(base, prob, view.masked))
         verdict = self.extrapolation.verdict(view, state["ce"], observation)
