@@ -6,6 +6,7 @@ import torch
 from unmask.decoding import generate
 from unmask.decoding.features import FEATURE_GROUPS
 from unmask.decoding.policies.learned_drafts import LearnedDrafts, LearnedDraftsConfig
+from unmask.decoding.policies.tspd import TSPD, TSPDConfig
 from unmask.errors import UnmaskError
 from unmask.testing import DRAFT_WORDS, drafting_model, make_view, peaked, tiny_tokenizer
 
@@ -143,3 +144,25 @@ def test_without_a_controller_it_says_how_to_get_one(tmp_path):
     model.path = str(tmp_path)
     reason = LearnedDrafts().unavailable(model)
     assert "no TSPD controller" in reason and "unmask train controller" in reason
+
+
+@pytest.mark.parametrize("make", [
+    lambda: _policy(RISING, depth=0),
+    lambda: TSPD(TSPDConfig(conf_tau=0.9), controller=StubController(RISING)),
+], ids=["learned_drafts:depth=0", "tspd:conf_tau=0.9"])
+def test_depth_0_is_tspd_with_the_threshold_rule_beside_the_controller(make):
+    # no drafts, so one row per call. Call 1: position 0 (confidence 0.95 >= 0.9) only, P(final)
+    # is at most 0.8 < tau 0.9 and no other confidence reaches 0.9. Each later call trusts nothing
+    # and commits the highest P(final) left: 7, 6, 5, 4, 3, 2, 1. So 8 calls, each adding the
+    # position named here, and the target sentence
+    model = _model()
+    seq = generate(model, ["hello"], make(), record_trace=True).sequences[0]
+    assert (seq.nfe, seq.rows) == (8, 8)
+    assert model.network.calls == [1] * 8
+    assert seq.tokens == TARGET
+    added, before = [], set()
+    for after in seq.trace.tokens_after:
+        decided = {p for p, t in enumerate(after.tolist()) if t != MASK}
+        added.append(sorted(decided - before))
+        before = decided
+    assert added == [[0], [7], [6], [5], [4], [3], [2], [1]]
