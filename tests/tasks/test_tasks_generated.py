@@ -337,3 +337,21 @@ def test_trace_style_options_are_checked(option):
 def test_trace_rejects_malformed_questions():
     with pytest.raises(UnmaskError, match="print"):
         get_task("trace").sample_response(Problem("t", "a = 3 ; b = a", "3"), random.Random(0))
+
+
+def test_arith_working_check_names_only_the_problem_and_every_equation_holds():
+    task = get_task("arith")
+    problem = Problem("p", "tom has 5 toys . he loses 2 . mia has 3 toys . how many toys do they have together ?", "6")
+    # 5 - 2 = 3 and 3 + 3 = 6 hold; tom, mia and toys are in the question
+    assert task.working_consistent(problem, "tom has 5 - 2 = 3 toys . mia has 3 . 3 + 3 = 6 . the answer is 6 .")
+    assert task.working_consistent(problem, "they have 5 - 2 + 3 = 6 toys . the answer is 6 .")  # a chain: 5 - 2 + 3 = 6
+    assert task.working_consistent(problem, "the answer is 6 .")  # no names, no equations: nothing to contradict
+    # a stranger (eva), a foreign item (coins), or an equation that does not hold (5 - 2 is 3, not 4;
+    # 5 - 2 + 3 is 6, not 7)
+    assert not task.working_consistent(problem, "eva has 5 - 2 = 3 toys . 3 + 3 = 6 . the answer is 6 .")
+    assert not task.working_consistent(problem, "tom has 5 - 2 = 3 coins . 3 + 3 = 6 . the answer is 6 .")
+    assert not task.working_consistent(problem, "tom has 5 - 2 = 4 toys . 4 + 2 = 6 . the answer is 6 .")
+    assert not task.working_consistent(problem, "they have 5 - 2 + 3 = 7 toys . so 6 . the answer is 6 .")
+    # a task with no check of the working accepts every completion
+    other = get_task("trace")
+    assert other.working_consistent(problem, "eva has 1 + 1 = 3 coins")

@@ -89,6 +89,32 @@ def test_keeps_the_correct_candidate_with_the_lowest_trace_r_total_ties_to_fewer
     assert stats["candidates"]["r2"]["policy_events"]["cluster_commits"] == pytest.approx(4 / 3)
 
 
+def test_select_working_also_asks_the_task_to_accept_the_working(monkeypatch):
+    from unmask.tasks import get_task
+    from unmask.tasks.arith import PEOPLE
+
+    task = get_task("arith")
+    problem = task.problems("train", limit=1, seed=0)[0]
+    asked = problem.question.split()
+    named = next(w for w in asked if w in PEOPLE)
+    stranger = next(w for w in PEOPLE if w not in asked)
+    a = decoding.parse_strategy("threshold:tau=0.7").describe()
+    b = decoding.parse_strategy("r2").describe()
+    plan = {  # both answers are right; a's working names someone the problem never mentions
+        a: [(f"{stranger} has {problem.answer} . the answer is {problem.answer} .", 1, 10, {})],
+        b: [(f"{named} has {problem.answer} . the answer is {problem.answer} .", 4, 12, {})],
+    }
+    monkeypatch.setattr(decoding, "generate", _fake_generate(plan))
+    picks = {}
+    for select in ("answer", "working"):
+        cfg = R2SFTConfig(tasks=("arith",), problems=1, candidates=("threshold:tau=0.7", "r2"), select=select,
+                          progress=False)
+        pairs, stats = select_pairs(None, cfg)
+        picks[select] = [p["strategy"] for p in pairs]
+        assert stats["select"] == select
+    assert picks == {"answer": ["threshold:tau=0.7"], "working": ["r2"]}  # lowest R_total, then the consistent one
+
+
 def test_fine_tuning_masks_block_wise_at_the_decode_block_length_unless_told_uniform():
     model = SimpleNamespace(defaults=SimpleNamespace(gen_length=64, block_length=32))
     block = fine_tune_config(R2SFTConfig(), model, Path("pairs.jsonl"), Path("/nonexistent/model"))
@@ -106,6 +132,10 @@ def test_the_cli_passes_the_masking_choice():
     assert parser.parse_args(["train", "r2-sft", "--masking", "uniform"]).masking == "uniform"
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "r2-sft", "--masking", "random"])
+    assert parser.parse_args(["train", "r2-sft"]).select == "answer"
+    assert parser.parse_args(["train", "r2-sft", "--select", "working"]).select == "working"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "r2-sft", "--select", "all"])
 
 
 class ExactMatch:
@@ -165,3 +195,5 @@ def test_bad_candidates_or_masking_fail_before_any_work():
         run_r2_sft(R2SFTConfig(candidates=("nope",), progress=False))
     with pytest.raises(UnmaskError, match="masking"):
         run_r2_sft(R2SFTConfig(masking="random", progress=False))
+    with pytest.raises(UnmaskError, match="select"):
+        run_r2_sft(R2SFTConfig(select="all", progress=False))

@@ -77,6 +77,11 @@ class Task:
         """1.0 when the completion's answer matches the gold answer, else 0.0."""
         return 1.0 if answers_match(self.extract(completion), problem.answer) else 0.0
 
+    def working_consistent(self, problem: Problem, completion: str) -> bool:
+        """Whether a completion's working, not only its answer, fits the problem (`r2-sft --select
+        working`). A task with no check of the working accepts every completion."""
+        return True
+
     # -- generated families only ----------------------------------------------------------------
     def hardness(self, problem: Problem) -> float:
         """How hard a problem is, >= 1, for `unmask train sft --hard-bias` (1.0: no measure)."""

@@ -84,7 +84,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     sft.add_argument("--no-progress", dest="progress", action="store_false")
     sft.add_argument("--eval-strategy", default=d.eval_strategy, help="policy for dev accuracy (default low_confidence)")
 
-    from unmask.training.r2_sft import DEFAULT_CANDIDATES, MASKINGS, R2SFTConfig
+    from unmask.training.r2_sft import DEFAULT_CANDIDATES, MASKINGS, SELECTIONS, R2SFTConfig
 
     r2d = R2SFTConfig()
     r2 = train_sub.add_parser(
@@ -109,6 +109,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                     help="fine-tuning masks: 'block' (default, as the R²-dLLM reference): every row block-aware at the "
                          "decode's block length (earlier blocks clean, later ones masked; --block-masking 1 of "
                          "`train sft`); 'uniform': LLaDA's objective, every response position masked independently")
+    r2.add_argument("--select", choices=SELECTIONS, default=r2d.select,
+                    help="which correct decodes may be selected: 'answer' (default, the paper's): the final "
+                         "answer is right; 'working' (a departure): the task also accepts the working "
+                         "(arith: only the problem's people and items, every equation holds)")
     r2.add_argument("--time-budget", type=float, default=None)
     r2.add_argument("--seed", type=int, default=r2d.seed)
     r2.add_argument("--no-progress", dest="progress", action="store_false")
@@ -172,7 +176,7 @@ def run_train(args: argparse.Namespace) -> int:
             init=args.init, out=args.out, tasks=parse_task_list(args.task), problems=args.problems,
             candidates=tuple(args.candidates or DEFAULT_CANDIDATES), steps=args.steps, batch_size=args.batch_size,
             lr=args.lr, eval_every=args.eval_every, eval_problems=args.eval_problems, eval_strategy=args.eval_strategy,
-            time_budget_s=args.time_budget, seed=args.seed, progress=args.progress, masking=args.masking,
+            time_budget_s=args.time_budget, seed=args.seed, progress=args.progress, masking=args.masking, select=args.select,
         ))
         print(json.dumps(result, default=str))
         return 0

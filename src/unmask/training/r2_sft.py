@@ -33,6 +33,11 @@ the baseline and R² policies, so that the selected response is one the model it
 R_total's exact formula (the paper does not publish it; ours is in `unmask.decoding.redundancy`);
 ties broken by NFE; a fine-tuning learning rate ten times below the from-scratch one; every row
 block-aware (the reference's block-wise fine-tuning is not mixed with uniform rows).
+
+Departure, off by default: `select="working"` (`--select working`) also asks the task to accept
+the response's working (`Task.working_consistent`: on `arith`, only the problem's people and items
+are named and every equation holds), not only its final answer; the built-in model's own decodes
+are often right by the final number alone.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from pathlib import Path
 from unmask.errors import UnmaskError
 
 MASKINGS = ("block", "uniform")  # R²-SFT's fine-tuning masks: block-aware rows (default) or LLaDA's uniform
+SELECTIONS = ("answer", "working")  # which pairs count as correct: the answer (the paper's) or the working too
 
 DEFAULT_CANDIDATES = (
     "low_confidence",
@@ -75,6 +81,7 @@ class R2SFTConfig:
     eval_problems: int = 100
     eval_strategy: str = "r2"
     masking: str = "block"  # "block": every row block-aware at the decode's block length; "uniform": LLaDA's
+    select: str = "answer"  # a pair must be correct by its answer (the paper's); "working": its working too
     time_budget_s: float | None = None
     progress: bool = True
     extra: dict = field(default_factory=dict)
@@ -86,6 +93,8 @@ class R2SFTConfig:
             raise UnmaskError(f"--problems must be a positive integer, got {self.problems}", field="problems")
         if self.masking not in MASKINGS:
             raise UnmaskError(f"--masking must be one of {', '.join(MASKINGS)}, got {self.masking!r}", field="masking")
+        if self.select not in SELECTIONS:
+            raise UnmaskError(f"--select must be one of {', '.join(SELECTIONS)}, got {self.select!r}", field="select")
         if not self.candidates:
             raise UnmaskError("--candidate must be given at least once", field="candidates")
         for spec in self.candidates:
@@ -106,7 +115,8 @@ def select_pairs(model, config: R2SFTConfig, log=print) -> tuple[list[dict], dic
     from unmask.decoding.redundancy import r_total
     from unmask.tasks import get_task
 
-    pairs, stats = [], {"prompts": 0, "with_correct": 0, "candidates": {}, "r_total_from": "trace"}
+    pairs, stats = [], {"prompts": 0, "with_correct": 0, "candidates": {}, "r_total_from": "trace",
+                        "select": config.select}
     for task_name in config.tasks:
         task = get_task(task_name)
         problems = task.problems("train", limit=config.problems, seed=config.seed)
@@ -129,7 +139,7 @@ def select_pairs(model, config: R2SFTConfig, log=print) -> tuple[list[dict], dic
                     per["nfe"] += seq.nfe
                     for name, count in (seq.events or {}).items():
                         per["policy_events"][name] = per["policy_events"].get(name, 0.0) + float(count)
-                    if score < 1.0:
+                    if score < 1.0 or (config.select == "working" and not task.working_consistent(problem, seq.text)):
                         continue
                     key = (redundancy, seq.nfe)
                     current = best.get(problem.id)
@@ -220,7 +230,8 @@ def run_r2_sft(config: R2SFTConfig) -> dict:
     data_file = out / "r2_pairs.jsonl"
     stats_file = out / "r2_selection.json"
     stats = json.loads(stats_file.read_text()) if data_file.exists() and stats_file.exists() else None
-    if stats is None or stats.get("r_total_from") != "trace":  # a rerun reuses a selection made by this rule
+    # a rerun reuses a selection made by this rule
+    if stats is None or stats.get("r_total_from") != "trace" or stats.get("select", "answer") != config.select:
         pairs, stats = select_pairs(model, config)
         if not pairs:
             raise UnmaskError("no candidate decode was correct on any training prompt; the model cannot be fine-tuned this way")
