@@ -36,7 +36,6 @@ from unmask.tasks.generated import (
 MAX_QUESTION_TOKENS = 32  # every question, in count_tokens units (a digit is one token)
 MAX_RESPONSE_TOKENS = 40  # every response drawn by sample_response
 
-EQUATION = re.compile(r"(\d+(?:\s*[+-]\s*\d+)+)\s*=\s*(\d+)")  # "a + b - c = z" in a response
 MAX_VALUE = 20  # every count, intermediate or final, stays in 0..MAX_VALUE
 MAX_OPERAND = 9
 
@@ -86,6 +85,8 @@ FIRST_CONNECTIVES = ("", "first")
 LATER_CONNECTIVES = ("", "so", "then", "now", "next")
 ANSWER = "the answer is {z} ."
 OP_WORDS = {"+": "plus", "-": "minus"}
+NAMED_WORDS = frozenset(PEOPLE) | frozenset(ITEMS)  # a response may name only the problem's own
+EQUATION = re.compile(r"(\d+(?:\s*[+-]\s*\d+)+)\s*=\s*(\d+)")  # "a + b - c = z" in a response
 
 
 def _apply(value: int, op: str, amount: int) -> int:
@@ -243,23 +244,22 @@ class ArithTask(GeneratedTask):
                 "take problems from ArithTask.problems() rather than building them by hand"
             ) from None
 
-    # -- vocabulary -----------------------------------------------------------------------------
     def working_consistent(self, problem: Problem, completion: str) -> bool:
         """The completion names only the problem's people and items, and every equation in it
         ("3 + 5 = 8", "8 - 2 + 1 = 7") holds."""
-        asked = set(problem.question.split())
-        words = set(re.findall(r"[a-z]+", completion))
-        if any(w not in asked for w in words & (set(PEOPLE) | set(ITEMS))):
+        named = set(re.findall(r"[a-z]+", completion)) & NAMED_WORDS
+        if not named <= set(problem.question.split()):
             return False
         for left, right in EQUATION.findall(completion):
             terms = re.findall(r"[+-]|\d+", left)
             value = int(terms[0])
             for op, number in zip(terms[1::2], terms[2::2]):
-                value = value + int(number) if op == "+" else value - int(number)
+                value = _apply(value, op, int(number))
             if value != int(right):
                 return False
         return True
 
+    # -- vocabulary -----------------------------------------------------------------------------
     @classmethod
     def vocabulary(cls) -> set[str]:
         words = template_words(

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from unmask.decoding.policies.base import Decision, most_confident
+from unmask.decoding.policies.base import Decision
+from unmask.decoding.policies.ce import with_progress
 from unmask.decoding.policies.psd import hierarchical_depth, nested_drafts
 from unmask.decoding.policies.tspd import TSPD, TSPDConfig
 from unmask.decoding.registry import register_policy
@@ -68,9 +69,7 @@ class LearnedDrafts(TSPD):
         cfg = self.config
         observation = self.tracker.update(view, state["features"])
         prob = self.controller_probability(view, state, observation)  # (b, block) P(final)
-        commit = self.base_commits(view, prob)
-        none = ~commit.any(-1, keepdim=True)
-        commit = commit | (most_confident(prob, view.masked) & none)
+        commit = with_progress(self.base_commits(view, prob), prob, view.masked)
         if cfg.order == "controller":
             score = prob
         elif cfg.order == "confidence":
