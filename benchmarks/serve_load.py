@@ -10,9 +10,9 @@ its requests back to back, and stops the server. Every request streams (`stream:
 the time to `data: [DONE]`, TTFB the time to the first chunk with text (the first committed block;
 for an empty answer, its final chunk). Requests mix seeds (distinct for every request), gen_length
 (`--gen-lengths`, default: the model's default and one block less) and max_tokens; the strategy is
-one per run (default: the server's default). Every answer is compared with a direct
-`unmask.decoding.generate` of the same request, decoded once per distinct request before any
-server starts answering (not timed).
+one per run (default: the server's default). `--cache` runs every server with that KV cache.
+Every answer is compared with a direct `unmask.decoding.generate` of the same request, with the
+same cache, decoded once per distinct request before any server starts answering (not timed).
 
 Reports per configuration and client count: requests/s, completion tokens/s, p50/p95/p99 latency,
 TTFB p50/p95, errors, mismatches and the engine's jobs per decode (from /health's counters: the
@@ -28,6 +28,7 @@ it is 1 too if any answer was wrong or any request failed.
 
     python benchmarks/serve_load.py --tiny --configs static --clients 1,8     # smoke test, 15-20 s on 2 cores
     python benchmarks/serve_load.py                                          # built-in model, full run
+    python benchmarks/serve_load.py --cache dual                             # the same, servers with the dual KV cache
     python benchmarks/serve_load.py --overload                               # the queue test
     python benchmarks/serve_load.py --model /path/to/llada --device cuda --dtype bf16 --gen-lengths 128,256 \\
         --block-length 32
@@ -95,7 +96,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="0 (default): every request its own seed; N: seeds from N values (requests can share a batch "
                         "in the static engine)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up requests, sent at once (default 8; tiny 2)")
-    p.add_argument("--max-batch-size", type=int, default=None, help="server --max-batch-size (default 8)")
+    p.add_argument("--max-batch-size", type=int, default=None,
+                   help="server --max-batch-size (default: the server's default; --overload 8)")
+    p.add_argument("--cache", choices=("none", "prefix", "dual"), default="none",
+                   help="server --cache, and the cache of the direct decodes the answers are checked against "
+                        "(default %(default)s)")
     p.add_argument("--max-queue", type=int, default=None, help="server --max-queue (default 256; --overload 64)")
     p.add_argument("--overload", action="store_true",
                    help="the queue test: --overload-clients requests at once against --max-queue 64 --max-batch-size 8")
@@ -105,7 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds a request may take before it counts as hung (default 300; --overload 120)")
     p.add_argument("--start-timeout", type=float, default=300.0, help="seconds a server may take to answer /health")
     p.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
-                   help="extra `unmask serve` argument, repeat (e.g. --serve-arg=--cache --serve-arg=prefix)")
+                   help="extra `unmask serve` argument, repeat (e.g. --serve-arg=--max-body-bytes --serve-arg=2097152)")
     p.add_argument("--server-threads", type=int, default=None,
                    help="OMP_NUM_THREADS for the server processes (default: torch's choice)")
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads of this process (expected answers)")
@@ -125,7 +130,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, (tiny, full) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, tiny if args.tiny else full)
-    args.max_batch_size = args.max_batch_size or 8
+    if args.max_batch_size is None and args.overload:
+        args.max_batch_size = 8
     args.max_queue = args.max_queue if args.max_queue is not None else (64 if args.overload else 256)
     args.timeout = args.timeout or (120.0 if args.overload else 300.0)
     from unmask.serve.load import config_args
@@ -167,12 +173,14 @@ def main(argv=None) -> int:
         options, serve_defaults = serve_options()
         has_batching = "--batching" in options
         server_default = serve_defaults.get("strategy") or "low_confidence"
+        if args.max_batch_size is None:  # the installed server's own default
+            args.max_batch_size = serve_defaults.get("max_batch_size") or 8
 
         # the servers' common arguments, then one per configuration
         common = [*(["--model", model_spec] if model_spec else []), *(["--device", args.device] if args.device else []),
                   *(["--dtype", args.dtype] if args.dtype else []), *(["--strategy", args.strategy] if args.strategy else []),
                   "--max-batch-size", str(args.max_batch_size), "--max-queue", str(args.max_queue),
-                  "--log-level", "warning"]
+                  *(["--cache", args.cache] if args.cache != "none" else []), "--log-level", "warning"]
         env = {"OMP_NUM_THREADS": str(args.server_threads)} if args.server_threads else None
         mode = "serve_overload" if args.overload else "serve_load"
         servers = {name: ServerProcess([*common, *config_args(name, has_batching), *args.serve_arg],
@@ -212,7 +220,7 @@ def main(argv=None) -> int:
 
         def decode_expected(strategy: str) -> tuple[int, float]:
             started = time.perf_counter()
-            count = expected_texts(model, everything, default_strategy=strategy,
+            count = expected_texts(model, everything, default_strategy=strategy, cache=args.cache,
                                    progress=lambda d, t: log(f"expected answers ({strategy}): {d}/{t}")
                                    if d % 50 == 0 or d == t else None)
             return count, time.perf_counter() - started
@@ -226,6 +234,7 @@ def main(argv=None) -> int:
             "seeds": "distinct per request" if args.seed_pool <= 0 else f"a pool of {args.seed_pool}",
             "clients": args.clients, "requests_per_client": args.requests_per_client,
             "min_requests": args.min_requests, "warmup": args.warmup, "max_batch_size": args.max_batch_size,
+            "cache": args.cache,
             "max_queue": args.max_queue, "timeout_s": args.timeout, "serve_has_batching_option": has_batching,
             "serve_args": args.serve_arg, "server_threads": args.server_threads,
             "machine": f"{platform.machine()} with {os.cpu_count()} CPUs, Python {platform.python_version()}, "

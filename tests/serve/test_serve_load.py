@@ -1,7 +1,9 @@
 """Concurrency: 64 clients get correct answers, a full queue answers 429, disconnects cancel decodes;
 and the load benchmark (`benchmarks/serve_load.py`, `unmask.serve.load`): percentiles, the workload,
-overload accounting, the --tiny run end to end on a real `unmask serve` process (the static engine)."""
+overload accounting, the --tiny run end to end on a real `unmask serve` process (the static engine,
+and the continuous one with the dual KV cache)."""
 
+import copy
 import dataclasses
 import json
 import sys
@@ -273,3 +275,35 @@ def test_the_tiny_benchmark_runs_end_to_end_on_a_static_server(tmp_path, capsys)
         assert lv["requests_per_s"] > 0 and lv["completion_tokens_per_s"] > 0
     assert result["comparison"]["p95_verdict"] == "n/a"
     assert (tmp_path / "serve_load-static.log").exists()
+
+
+def test_a_cached_server_is_checked_against_direct_decodes_with_the_same_cache():
+    model = tiny_llada(gen_length=16, block_length=8)
+    cases = [case for client in workload(6, 1, gen_lengths=[8, 16], block_length=8, max_tokens=[None, 4])
+             for case in client]
+    uncached = copy.deepcopy(cases)
+    expected_texts(model, cases, default_strategy="threshold", cache="dual")
+    expected_texts(model, uncached, default_strategy="threshold")
+    # the cache is an approximation that changes answers of this model, so the check below can tell
+    assert sum(a.expected != b.expected for a, b in zip(cases, uncached)) >= 1
+    engine = build_engine(model, strategy="threshold", cache="dual")
+    with serve_in_thread(engine, host="127.0.0.1") as url:
+        report = run_load(url, cases, clients=6, requests_per_client=1, duration_s=60, timeout_s=60)
+        wrong = run_load(url, uncached, clients=6, requests_per_client=1, duration_s=60, timeout_s=60)
+    assert report.requests == 6 and report.errors == 0 and report.mismatches == 0, report.examples
+    assert wrong.mismatches == sum(a.expected != b.expected for a, b in zip(cases, uncached))
+
+
+def test_the_benchmark_runs_a_continuous_server_with_the_dual_cache_end_to_end(tmp_path, capsys):
+    code = _benchmark().main(["--tiny", "--configs", "continuous", "--clients", "1,8", "--cache", "dual",
+                              "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    result = json.loads((tmp_path / "serve_load.json").read_text())
+    config = result["configs"][0]
+    args = config["server_args"]
+    assert args[args.index("--cache") + 1] == "dual" and args[args.index("--batching") + 1] == "continuous"
+    assert result["settings"]["cache"] == "dual" and "cache dual" in (tmp_path / "serve_load.md").read_text()
+    for lv in config["levels"]:
+        assert lv["requests"] >= 4 and lv["ok"] == lv["requests"], lv["examples"]
+        assert lv["errors"] == lv["mismatches"] == lv["hung"] == 0

@@ -6,6 +6,8 @@ import argparse
 import ipaddress
 import sys
 
+from unmask.serve.engine import DEFAULT_MAX_BATCH_SIZE
+
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
@@ -19,7 +21,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: the model's name)")
-    p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together in one batch")
+    p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
+                   help="sequences decoding at once (default %(default)s); lower it if the device runs out of memory")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before the server answers 429")
     p.add_argument("--max-body-bytes", type=int, default=2**20,
                    help="largest request body accepted, in bytes; larger ones get HTTP 413 (default 1 MiB)")

@@ -54,11 +54,16 @@ class EngineStopped(Exception):
 
 
 BATCHING = ("continuous", "static")
+# `unmask serve --max-batch-size`: sequences decoding at once. 32 rather than 8: at 32 concurrent
+# clients on the 2-core CPU a batch of 32 gave more completion tokens/s than a batch of 8, with and
+# without the KV cache (README, "Load benchmark"); on a GPU rows in one call are nearly free. Lower
+# it where memory is short.
+DEFAULT_MAX_BATCH_SIZE = 32
 
 
 @dataclass
 class EngineConfig:
-    max_batch_size: int = 8  # sequences decoded together (active at once, in continuous batching)
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE  # sequences decoded together (active at once, in continuous batching)
     max_queue: int = 256  # requests waiting (not yet decoding); past it, submit raises QueueFull
     strategy: str = "auto"  # used when a request names none; "auto": see `serving_default`
     cache: str = "none"

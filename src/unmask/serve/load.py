@@ -156,8 +156,12 @@ async def _run(base_url, cases, clients, per_client, duration_s, timeout_s) -> L
     return report
 
 
-def expected_texts(model, cases: list[LoadCase], default_strategy: str = "low_confidence", progress=None) -> int:
+def expected_texts(model, cases: list[LoadCase], default_strategy: str = "low_confidence", progress=None,
+                   cache: str = "none") -> int:
     """Fill each case's `expected` by decoding it directly (no server), one prompt per `generate` call.
+
+    `cache` is the KV cache mode the servers run with (a cached decode is an approximation, so the
+    expected answers must be decoded with the same one).
 
     The answer rules are applied here from their definition, independently of the server's code:
     the tokens before the first stop token, at most `max_tokens` of them, cut at the first `stop`.
@@ -182,7 +186,7 @@ def expected_texts(model, cases: list[LoadCase], default_strategy: str = "low_co
         if key not in memo:
             strategy = body.get("strategy") or default_strategy
             result = generate(model, [prompt], strategy, chat=chat, gen_length=body.get("gen_length"),
-                              block_length=body.get("block_length"), seed=body.get("seed") or 0)
+                              block_length=body.get("block_length"), seed=body.get("seed") or 0, cache=cache)
             answer = result.sequences[0].answer_ids
             if body.get("max_tokens") is not None:
                 answer = answer[: body["max_tokens"]]
@@ -767,7 +771,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"# unmask serve load: {s['model']}", "",
              f"{s['machine']}; strategy {s['strategy']}; gen_length {s['gen_lengths']} (block {s['block_length']}); "
              f"max_tokens {s['max_tokens']}; seeds {s['seeds']}; every request streamed; "
-             f"max batch {s['max_batch_size']}, max queue {s['max_queue']}; {s['expected_decodes']} expected answers "
+             f"max batch {s['max_batch_size']}, max queue {s['max_queue']}, cache {s.get('cache', 'none')}; {s['expected_decodes']} expected answers "
              f"decoded directly beforehand ({s['expected_s']:.1f} s, not timed).", ""]
     configs = result.get("configs") or []
     if configs and not result.get("overload_mode"):

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from unmask.errors import UnmaskError
+from unmask.serve.engine import DEFAULT_MAX_BATCH_SIZE
 from unmask.serve.protocol import DEFAULT_MAX_BODY_BYTES, error_body
 
 APP_NAME = "unmask"
@@ -54,7 +55,7 @@ class ReplicaSettings:
     dtype: str | None = None
     trust_remote_code: bool = False
     strategy: str = "auto"  # as `unmask serve`: tspd:ce=true where a controller exists, else threshold
-    max_batch_size: int = 8
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     max_queue: int = 256
     cache: str = "none"
     served_model_name: str | None = None

@@ -12,11 +12,11 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from unmask.errors import UnmaskError
-from unmask.serve.engine import Engine, EngineConfig
+from unmask.serve.engine import DEFAULT_MAX_BATCH_SIZE, Engine, EngineConfig
 from unmask.serve.protocol import DEFAULT_MAX_BODY_BYTES
 
 
-def build_engine(model, strategy: str = "auto", max_batch_size: int = 8, max_queue: int = 256,
+def build_engine(model, strategy: str = "auto", max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, max_queue: int = 256,
                  cache: str = "none", batching: str = "continuous") -> Engine:
     return Engine(model, EngineConfig(max_batch_size=max_batch_size, max_queue=max_queue, strategy=strategy, cache=cache,
                                       batching=batching))
