@@ -72,6 +72,8 @@ def _limits(text: str) -> list[int | None]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from unmask.decoding.config import CACHE_MODES
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the built-in model)")
@@ -98,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="warm-up requests, sent at once (default 8; tiny 2)")
     p.add_argument("--max-batch-size", type=int, default=None,
                    help="server --max-batch-size (default: the server's default; --overload 8)")
-    p.add_argument("--cache", choices=("none", "prefix", "dual"), default="none",
+    p.add_argument("--cache", choices=CACHE_MODES, default="none",
                    help="server --cache, and the cache of the direct decodes the answers are checked against "
                         "(default %(default)s)")
     p.add_argument("--max-queue", type=int, default=None, help="server --max-queue (default 256; --overload 64)")
@@ -130,8 +132,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, (tiny, full) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, tiny if args.tiny else full)
-    if args.max_batch_size is None and args.overload:
-        args.max_batch_size = 8
     args.max_queue = args.max_queue if args.max_queue is not None else (64 if args.overload else 256)
     args.timeout = args.timeout or (120.0 if args.overload else 300.0)
     from unmask.serve.load import config_args
@@ -173,8 +173,8 @@ def main(argv=None) -> int:
         options, serve_defaults = serve_options()
         has_batching = "--batching" in options
         server_default = serve_defaults.get("strategy") or "low_confidence"
-        if args.max_batch_size is None:  # the installed server's own default
-            args.max_batch_size = serve_defaults.get("max_batch_size") or 8
+        if args.max_batch_size is None:  # the queue test's 8, else the installed server's own default
+            args.max_batch_size = 8 if args.overload else serve_defaults["max_batch_size"]
 
         # the servers' common arguments, then one per configuration
         common = [*(["--model", model_spec] if model_spec else []), *(["--device", args.device] if args.device else []),

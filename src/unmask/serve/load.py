@@ -771,8 +771,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"# unmask serve load: {s['model']}", "",
              f"{s['machine']}; strategy {s['strategy']}; gen_length {s['gen_lengths']} (block {s['block_length']}); "
              f"max_tokens {s['max_tokens']}; seeds {s['seeds']}; every request streamed; "
-             f"max batch {s['max_batch_size']}, max queue {s['max_queue']}, cache {s.get('cache', 'none')}; {s['expected_decodes']} expected answers "
-             f"decoded directly beforehand ({s['expected_s']:.1f} s, not timed).", ""]
+             f"max batch {s['max_batch_size']}, max queue {s['max_queue']}, cache {s.get('cache', 'none')}; "
+             f"{s['expected_decodes']} expected answers decoded directly beforehand ({s['expected_s']:.1f} s, not timed).",
+             ""]
     configs = result.get("configs") or []
     if configs and not result.get("overload_mode"):
         lines += ["| config | clients | requests | errors | mismatches | req/s | completion tok/s | p50 ms | p95 ms "
