@@ -495,18 +495,35 @@ def assert_left_padding_is_invisible(model: DiffusionLM, rows: list[list[int]], 
             torch.testing.assert_close(batched[b, width - len(row) :], alone, rtol=tol, atol=tol)
 
 
-def write_tiny_controller(folder: str | Path, seed: int = 0) -> Path:
+def write_tiny_controller(folder: str | Path, seed: int = 0, stability: bool = False) -> Path:
     """An untrained TSPD controller (random weights, seeded) saved in `folder`, for decode tests.
 
-    Its probabilities are arbitrary but deterministic, which is all the loop's properties need.
+    It reads the paper's feature groups, plus the stability group with `stability=True`. Its
+    probabilities are arbitrary but deterministic, which is all the loop's properties need.
     """
     from unmask.decoding.controller import Controller
+    from unmask.decoding.features import controller_groups
 
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    controller = Controller()
+    controller = Controller(controller_groups(stability=stability))
     torch.random.set_rng_state(generator_state)
     return controller.save(folder)
+
+
+def controller_strategies(folder: str | Path) -> dict[str, str]:
+    """Strategy strings that run `tspd` (with CE) and `learned_drafts` on untrained controllers
+    written under `folder`, with a tau of 0.5 so that both commit several positions per call.
+
+    The seeds are picked so that the first prompt of the continuous-batching tests still takes 6
+    calls or more on the tiny test models' 16-token canvases (seed 0 of the paper's feature set
+    takes 4 or 5): sequences joining that decode at its fifth call must find it running.
+    """
+    folder = Path(folder)
+    paper = write_tiny_controller(folder / "controller", seed=2)
+    stability = write_tiny_controller(folder / "controller-stability", stability=True)
+    return {"tspd": f"tspd:tau=0.5,ce=true,controller={paper}",
+            "learned_drafts": f"learned_drafts:tau=0.5,controller={stability}"}
 
 
 def error_of(fn, *args, **kwargs):

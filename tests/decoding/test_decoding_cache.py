@@ -8,7 +8,7 @@ from unmask.decoding import generate, policy_names
 from unmask.decoding.loop import encode_prompts, token_stats
 from unmask.errors import UnmaskError
 from unmask.models.cache import KVCache
-from unmask.testing import tiny_dream, tiny_llada, write_tiny_controller
+from unmask.testing import controller_strategies, tiny_dream, tiny_llada
 
 PROMPTS = ["hello world", "what is 3 plus 4 ?", "tom has 5 apples"]
 
@@ -71,9 +71,7 @@ def test_cached_decodes_are_batch_invariant_for_every_policy(mode, make, tmp_pat
     model = make(gen_length=16, block_length=8)
     # tspd (with CE) runs with an untrained, seeded controller
     specs = {name: name for name in policy_names()}
-    folder = write_tiny_controller(tmp_path / "controller")
-    specs["tspd"] = f"tspd:tau=0.5,ce=true,controller={folder}"
-    specs["learned_drafts"] = f"learned_drafts:tau=0.5,controller={folder}"
+    specs.update(controller_strategies(tmp_path / "controller"))
     for name, spec in specs.items():
         batch = generate(model, PROMPTS, spec, cache=mode)
         for prompt, seq in zip(PROMPTS, batch.sequences):

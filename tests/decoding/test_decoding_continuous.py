@@ -10,7 +10,7 @@ from unmask.decoding import DecodeConfig, generate, policy_names
 from unmask.decoding.loop import Decoder, encode_prompts, grow_state
 from unmask.decoding.registry import parse_strategy
 from unmask.errors import UnmaskError
-from unmask.testing import write_tiny_controller
+from unmask.testing import controller_strategies
 
 GEN, BLOCK = 16, 8
 PROMPTS = ["what is 2 plus 3 ?", "hello", "tom has 5 apples and ann has 7 pens . how many apples ?", "hi there"]
@@ -23,9 +23,7 @@ SPEC["threshold"] = "threshold:tau=0.3"
 
 @pytest.fixture(scope="module", autouse=True)
 def _controller(tmp_path_factory):
-    folder = write_tiny_controller(tmp_path_factory.mktemp("c"))
-    SPEC["tspd"] = f"tspd:tau=0.5,ce=true,controller={folder}"
-    SPEC["learned_drafts"] = f"learned_drafts:tau=0.5,controller={folder}"
+    SPEC.update(controller_strategies(tmp_path_factory.mktemp("c")))
 
 
 def _continuous(model, spec, cache, finished, temps=None):

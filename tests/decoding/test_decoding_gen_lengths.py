@@ -15,7 +15,7 @@ from unmask.decoding.loop import Decoder, encode_prompts, widen_state
 from unmask.decoding.policies.threshold import Threshold, ThresholdConfig
 from unmask.decoding.registry import parse_strategy
 from unmask.errors import UnmaskError
-from unmask.testing import make_view, peaked, tiny_llada, write_tiny_controller
+from unmask.testing import controller_strategies, make_view, peaked, tiny_llada
 
 BLOCK = 16
 PROMPTS = ["what is 2 plus 3 ?", "hello", "tom has 5 apples and ann has 7 pens . how many apples ?", "hi there"]
@@ -29,9 +29,7 @@ COL = {name: i for i, name in enumerate(FEATURE_NAMES)}
 
 @pytest.fixture(scope="module", autouse=True)
 def _controller(tmp_path_factory):
-    folder = write_tiny_controller(tmp_path_factory.mktemp("c"))
-    SPEC["tspd"] = f"tspd:tau=0.5,ce=true,controller={folder}"
-    SPEC["learned_drafts"] = f"learned_drafts:tau=0.5,controller={folder}"
+    SPEC.update(controller_strategies(tmp_path_factory.mktemp("c")))
 
 
 def _with_temperature(spec: str, t: float) -> str:

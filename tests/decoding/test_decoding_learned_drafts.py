@@ -17,7 +17,10 @@ WRONG = TOK.token_id("dogs")
 
 
 class StubController:
-    """P(final) read from a fixed table (block,), the same for every row and call."""
+    """P(final) read from a fixed table (block,), the same for every row and call.
+
+    It claims every feature group, as learned_drafts' controller (stability included) reads them.
+    """
 
     groups = tuple(FEATURE_GROUPS)
     window = 1
@@ -148,8 +151,8 @@ def test_without_a_controller_it_says_how_to_get_one(tmp_path):
 
 @pytest.mark.parametrize("make", [
     lambda: _policy(RISING, depth=0),
-    lambda: TSPD(TSPDConfig(conf_tau=0.9), controller=StubController(RISING)),
-], ids=["learned_drafts:depth=0", "tspd:conf_tau=0.9"])
+    lambda: TSPD(TSPDConfig(conf_tau=0.9, stability=True), controller=StubController(RISING)),
+], ids=["learned_drafts:depth=0", "tspd:conf_tau=0.9,stability=true"])
 def test_depth_0_is_tspd_with_the_threshold_rule_beside_the_controller(make):
     # no drafts, so one row per call. Call 1: position 0 (confidence 0.95 >= 0.9) only, P(final)
     # is at most 0.8 < tau 0.9 and no other confidence reaches 0.9. Each later call trusts nothing

@@ -15,7 +15,7 @@ import pytest
 from unmask.decoding import generate
 from unmask.decoding import policy_names
 from unmask.decoding.registry import parse_strategy, policy_class
-from unmask.testing import write_tiny_controller
+from unmask.testing import controller_strategies
 
 GEN, BLOCK = 16, 8
 # prompts of clearly different lengths (the chat template wraps them), for padded batches
@@ -34,9 +34,7 @@ SAMPLING = [n for n in POLICIES if n not in ("oracle",)]  # the oracle writes y*
 def _tspd_controller(tmp_path_factory):
     """tspd (with CE) runs in every property below with an untrained, seeded controller; a tau of
     0.5 makes it commit several positions per call on these tiny models."""
-    folder = write_tiny_controller(tmp_path_factory.mktemp("controller"))
-    SPEC["tspd"] = f"tspd:tau=0.5,ce=true,controller={folder}"
-    SPEC["learned_drafts"] = f"learned_drafts:tau=0.5,controller={folder}"
+    SPEC.update(controller_strategies(tmp_path_factory.mktemp("controller")))
 
 
 def spec_of(name: str, temperature: float = 0.0) -> str:

@@ -224,5 +224,7 @@ def test_every_named_departure_is_a_parameter_and_is_marked_in_the_listing():
     # the seed methods' departures are the options their docstrings name
     assert set(policy_class("r2").departures) == {"ambiguity_radius", "cluster_score"}
     assert set(policy_class("psd").departures) == {"group_by_rate", "adaptive_depth", "accept_tau"}
-    assert set(policy_class("tspd").departures) == {"conf_tau"}
-    assert policy_class("learned_drafts").departures == ()  # conf_tau is its own rule there
+    assert set(policy_class("tspd").departures) == {"conf_tau", "stability"}
+    assert policy_class("learned_drafts").departures == ()  # conf_tau and stability are its own rule there
+    # TSPD's departures are off by default: the paper's rule over the paper's features
+    assert policy_class("tspd").Config().conf_tau is None and policy_class("tspd").Config().stability is False

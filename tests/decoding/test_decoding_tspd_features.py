@@ -12,7 +12,7 @@ from unmask.decoding.features import (
     STABILITY_CAP,
     FeatureTracker,
     feature_columns,
-    groups_without,
+    controller_groups,
     loop_stability,
     trace_features,
     trace_samples,
@@ -42,9 +42,18 @@ def hand_trace(top1, confidence, masked_before, block, margin=None):
 def test_groups_partition_the_features_and_drop_removes_exactly_one_group():
     assert sorted(sum((list(v) for v in FEATURE_GROUPS.values()), [])) == sorted(FEATURE_NAMES)
     assert set(FEATURE_GROUPS) == {"confidence", "entropy", "momentum", "stability", "position"}
-    kept = [FEATURE_NAMES[i] for i in feature_columns(groups_without("momentum"))]
+    # the paper names confidence, entropy, momentum and position; stability is only read on request
+    assert controller_groups() == ("confidence", "entropy", "momentum", "position")
+    assert controller_groups(stability=True) == ("confidence", "entropy", "momentum", "stability", "position")
+    kept = [FEATURE_NAMES[i] for i in feature_columns(controller_groups("momentum", stability=True))]
     assert not any("delta" in name for name in kept)
     assert len(kept) == len(FEATURE_NAMES) - len(FEATURE_GROUPS["momentum"])
+    assert controller_groups("momentum") == ("confidence", "entropy", "position")
+    assert controller_groups("stability", stability=True) == controller_groups()
+    with pytest.raises(ValueError, match="stability=true"):
+        controller_groups("stability")
+    with pytest.raises(ValueError, match="drop must be one of"):
+        controller_groups("nonsense")
 
 
 def test_momentum_sign_and_the_three_call_difference_on_a_rising_and_a_falling_trajectory():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from unmask.decoding import generate, parse_strategy
-from unmask.decoding.features import FEATURE_GROUPS, FEATURE_NAMES, groups_without
+from unmask.decoding.features import FEATURE_NAMES, controller_groups
 from unmask.decoding.policies.tspd import TSPD, TSPDConfig
 from unmask.errors import UnmaskError
 from unmask.testing import make_view, peaked, tiny_llada
@@ -16,7 +16,7 @@ V = 12
 class StubController:
     """P(converged) read from a fixed table (batch, block), whatever the features say."""
 
-    groups = tuple(FEATURE_GROUPS)
+    groups = controller_groups()  # the paper's feature set, as tspd reads by default
     window = 2
 
     def __init__(self, table):
@@ -68,9 +68,9 @@ def test_tspd_with_ce_still_commits_at_least_one():
     assert int(decision.commit[0].sum()) == 1
 
 
-def _save_random_controller(folder, drop=None, window=2):
+def _save_random_controller(folder, drop=None, window=2, stability=False):
     torch.manual_seed(0)
-    controller = Controller(groups_without(drop), window=window, hidden=8)
+    controller = Controller(controller_groups(drop, stability), window=window, hidden=8)
     controller.set_normalisation(torch.rand(64, window, len(FEATURE_NAMES)))
     controller.save(folder)
     return folder
@@ -125,6 +125,15 @@ def test_tspd_finds_the_controller_beside_the_model_and_checks_the_dropped_group
             generate(tiny, ["hello"], f"tspd:drop=momentum,controller={default_controller_dir(tmp_path)}")
         with pytest.raises(UnmaskError, match="drop"):
             generate(tiny, ["hello"], f"tspd:controller={default_controller_dir(tmp_path, 'momentum')}")
+        # the stability departure reads its own folder; the paper's controller cannot stand in for it
+        with pytest.raises(UnmaskError, match="controller"):
+            generate(tiny, ["hello"], "tspd:stability=true")
+        _save_random_controller(default_controller_dir(tmp_path, stability=True), stability=True)
+        assert tiny.mask_id not in generate(tiny, ["hello"], "tspd:stability=true").sequences[0].tokens
+        with pytest.raises(UnmaskError, match="stability"):
+            generate(tiny, ["hello"], f"tspd:stability=true,controller={default_controller_dir(tmp_path)}")
+        with pytest.raises(UnmaskError, match="stability"):
+            generate(tiny, ["hello"], f"tspd:controller={default_controller_dir(tmp_path, stability=True)}")
     finally:
         tiny.path = None
 
@@ -132,6 +141,11 @@ def test_tspd_finds_the_controller_beside_the_model_and_checks_the_dropped_group
 def test_tspd_options_are_validated():
     with pytest.raises(UnmaskError, match="drop"):
         parse_strategy("tspd:drop=nonsense")
+    with pytest.raises(UnmaskError, match="stability=true"):
+        parse_strategy("tspd:drop=stability")  # the paper's controller has no stability group to drop
+    assert parse_strategy("tspd:stability=true,drop=stability").params["drop"] == "stability"
+    assert parse_strategy("tspd").params["stability"] is False  # the paper's features
+    assert parse_strategy("learned_drafts").params["stability"] is True  # unmask's own policy reads them
     with pytest.raises(UnmaskError, match="tau"):
         parse_strategy("tspd:tau=1.5")
     assert parse_strategy("tspd:ce=true,tau=0.8").params["ce"] is True
@@ -156,9 +170,11 @@ def test_arch_picks_the_controller_folder_beside_the_model(tiny, tmp_path):
     assert default_controller_dir(tmp_path, None, "mlp").name == "controller-mlp"
     assert default_controller_dir(tmp_path, "momentum", "mlp").name == "controller-mlp-drop-momentum"
     assert default_controller_dir(tmp_path, "momentum").name == "controller-drop-momentum"
+    assert default_controller_dir(tmp_path, stability=True).name == "controller-stability"
+    assert default_controller_dir(tmp_path, "momentum", "mlp", True).name == "controller-mlp-stability-drop-momentum"
     _save_random_controller(default_controller_dir(tmp_path, None, "mlp"))
     torch.manual_seed(0)
-    lstm = RecurrentController(groups_without(None), hidden=4)
+    lstm = RecurrentController(controller_groups(), hidden=4)
     lstm.set_normalisation(torch.rand(64, len(FEATURE_NAMES)))
     lstm.save(default_controller_dir(tmp_path))
     tiny.path = str(tmp_path)

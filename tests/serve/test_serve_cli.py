@@ -37,7 +37,7 @@ def test_auto_is_the_fast_default_where_a_controller_exists_else_threshold(tiny_
     from unmask.serve import build_engine
     from unmask.serve.engine import FALLBACK_DEFAULT, FAST_DEFAULT
 
-    assert build_engine(load_model(None)).config.strategy == FAST_DEFAULT == "tspd:ce=true"  # the built-in model
+    assert build_engine(load_model(None)).config.strategy == FAST_DEFAULT == "tspd:ce=true,stability=true"  # the built-in model
     tiny = build_engine(load_model(tiny_checkpoint))  # no controller beside it
     assert tiny.config.strategy == FALLBACK_DEFAULT == "threshold"
     assert tiny.health()["default_strategy"] == "threshold"

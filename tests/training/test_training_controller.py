@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from unmask.decoding import generate
-from unmask.decoding.features import FEATURE_NAMES
+from unmask.decoding.features import FEATURE_NAMES, STABILITY_CAP
 from unmask.errors import UnmaskError
 from unmask.testing import peaked, scripted_model, tiny_llada
 from unmask.training.controller import (
@@ -175,6 +175,13 @@ def test_egp_traces_on_a_tiny_model_are_the_oracle_decode_and_every_label_is_top
     # under EGP a position's labels in its block are 0s ending in at most one 1, the call it is committed
     for i in np.flatnonzero(data.labels == 1):
         assert not (data.prev == i).any()
+    # so a positive row never carries a streak: its top-1 was not final at the call before (or there
+    # was none), and a top-1 unchanged for 2 calls or more is always labelled 0. This is why the
+    # stability features are a departure (`--stability`): on EGP traces they give the label away.
+    streak = np.round(data.features[:, FEATURE_NAMES.index("stability")] * STABILITY_CAP)
+    assert (streak[data.labels == 1] == 1).all()
+    settled = streak >= 2
+    assert settled.any() and (data.labels[settled] == 0).all()
     # collect() gives the same rows
     again, _ = collect(model, EGP_PROMPTS, batch_size=3, **kwargs)
     np.testing.assert_array_equal(again.labels, data.labels)

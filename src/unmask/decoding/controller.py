@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from unmask.decoding.features import FEATURE_GROUPS, FEATURE_NAMES, feature_columns, fill_window
+from unmask.decoding.features import FEATURE_GROUPS, FEATURE_NAMES, PAPER_GROUPS, feature_columns, fill_window
 from unmask.errors import UnmaskError
 
 CONTROLLER_FORMAT = "unmask-controller/1"
@@ -27,13 +27,18 @@ CONFIG_FILE = "controller.json"
 PLOT_FILE = "loss.png"
 
 
-def default_controller_dir(model_path, drop: str | None = None, arch: str = "lstm") -> Path:
+def default_controller_dir(model_path, drop: str | None = None, arch: str = "lstm", stability: bool = False) -> Path:
     """Where the controller of the model at `model_path` lives: `controller/` for the recurrent one
-    (the paper's, the default), `controller-mlp/` for the window MLP, each with `-drop-GROUP` for
-    an ablation. (Folders written before the LSTM existed hold an MLP in `controller/`; the loader
-    builds whatever a folder's controller.json names.)"""
+    over the paper's features (the default), `controller-mlp/` for the window MLP, each with
+    `-stability` when it also reads the stability features and `-drop-GROUP` for an ablation.
+    (Folders written before the LSTM existed hold an MLP in `controller/`; the loader builds
+    whatever a folder's controller.json names.)"""
     name = "controller" if arch == "lstm" else f"controller-{arch}"
-    return Path(model_path) / (name if drop is None else f"{name}-drop-{drop}")
+    if stability:
+        name += "-stability"
+    if drop is not None:
+        name += f"-drop-{drop}"
+    return Path(model_path) / name
 
 
 class _ControllerBase(nn.Module):
@@ -103,7 +108,7 @@ class Controller(_ControllerBase):
     arch = "mlp"
     recurrent = False
 
-    def __init__(self, groups=tuple(FEATURE_GROUPS), window: int = 3, hidden: int = DEFAULT_HIDDEN["mlp"]):
+    def __init__(self, groups=PAPER_GROUPS, window: int = 3, hidden: int = DEFAULT_HIDDEN["mlp"]):
         super().__init__(groups, window, hidden)
         width = len(self.columns)
         self.net = nn.Sequential(
@@ -140,7 +145,7 @@ class RecurrentController(_ControllerBase):
     arch = "lstm"
     recurrent = True
 
-    def __init__(self, groups=tuple(FEATURE_GROUPS), hidden: int = DEFAULT_HIDDEN["lstm"]):
+    def __init__(self, groups=PAPER_GROUPS, hidden: int = DEFAULT_HIDDEN["lstm"]):
         # window 1: the input is this call's features only; the hidden state carries the earlier calls
         super().__init__(groups, 1, hidden)
         self.cell = nn.LSTMCell(len(self.columns), self.hidden)

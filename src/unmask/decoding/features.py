@@ -10,8 +10,10 @@ per-position history. Two callers feed it the same inputs:
 
 A test decodes with a tracking policy and checks that both paths give the same numbers.
 
-Features (name: meaning), by group. A group can be left out of a controller (`tspd:drop=GROUP`,
-`unmask train controller --drop GROUP`):
+Features (name: meaning), by group. The paper's controller reads confidence, entropy, momentum
+and position (`PAPER_GROUPS`); `stability` is unmask's addition, read only by a controller trained
+with it (`tspd:stability=true`, `unmask train controller --stability`; a departure). A group can be
+left out of a controller (`tspd:drop=GROUP`, `unmask train controller --drop GROUP`):
 
 - `confidence` — how sure the model is now:
   `confidence` (probability of the top-1), `margin` (top-1 minus top-2 probability).
@@ -20,7 +22,11 @@ Features (name: meaning), by group. A group can be left out of a controller (`ts
   `margin_delta1`, `margin_delta3` (value now minus value 1 / 3 calls ago).
 - `stability` — how settled the prediction is: `stability` (calls the top-1 has not changed,
   capped at `STABILITY_CAP`, divided by it), `flipped` (1 if the top-1 changed at this call).
-  Kept apart from `confidence` so the ablation can tell "sure" from "settled".
+  Kept apart from `confidence` so the ablation can tell "sure" from "settled". Not in the
+  paper's set, and misleading on its own supervision: in an Extremely Greedy Parallel trace a
+  position is committed at the first call where its top-1 is final, so every row with a streak of
+  2 or more (the top-1 unchanged since a call where it was not final) is labelled 0, and a
+  controller that reads the streak learns that a settled prediction is not final.
 - `position` — where the token sits: `block_offset` and `gen_offset` (relative position in the
   block and in the generation, 0..1), `left_distance` and `right_distance` (distance to the nearest
   decided token on each side within the block, capped at the block length and divided by it),
@@ -53,6 +59,8 @@ FEATURE_GROUPS: dict[str, tuple[str, ...]] = {
     "position": ("block_offset", "gen_offset", "left_distance", "right_distance", "block_progress"),
 }
 FEATURE_NAMES: tuple[str, ...] = tuple(name for names in FEATURE_GROUPS.values() for name in names)
+# the groups the paper names (confidence, entropy, momentum, token position); `stability` is ours
+PAPER_GROUPS: tuple[str, ...] = ("confidence", "entropy", "momentum", "position")
 GROUP_OF: dict[str, str] = {name: group for group, names in FEATURE_GROUPS.items() for name in names}
 HISTORY = 3  # earlier calls of confidence and margin kept per position (the 3-call differences)
 STABILITY_CAP = 8
@@ -67,9 +75,21 @@ def feature_columns(groups) -> list[int]:
     return [i for i, name in enumerate(FEATURE_NAMES) if GROUP_OF[name] in wanted]
 
 
-def groups_without(drop: str | None) -> tuple[str, ...]:
-    """Every feature group except `drop`."""
-    return tuple(g for g in FEATURE_GROUPS if g != drop)
+def controller_groups(drop: str | None = None, stability: bool = False) -> tuple[str, ...]:
+    """The feature groups a TSPD controller reads, in FEATURE_GROUPS order.
+
+    The paper's controller reads confidence, entropy, momentum and position (`PAPER_GROUPS`);
+    `stability=True` adds the stability group (a departure); `drop` leaves one of them out (the
+    ablation).
+    """
+    groups = [g for g in FEATURE_GROUPS if g in PAPER_GROUPS or (stability and g == "stability")]
+    if drop is not None:
+        if drop not in groups:
+            if drop == "stability":
+                raise ValueError("drop=stability needs stability=true: the paper's controller has no stability features")
+            raise ValueError(f"drop must be one of {', '.join(groups)}, got {drop!r}")
+        groups.remove(drop)
+    return tuple(groups)
 
 
 def _back_fill(current: torch.Tensor, history: torch.Tensor) -> torch.Tensor:

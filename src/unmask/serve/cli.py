@@ -17,7 +17,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own Python code to run")
     p.add_argument("--strategy", default="auto",
                    help="default strategy, NAME or NAME:key=value,...; a request may choose another (default auto: "
-                        "tspd:ce=true where the model has a trained TSPD controller, else threshold)")
+                        "tspd:ce=true,stability=true where the model has that TSPD controller, else threshold)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: the model's name)")

@@ -202,9 +202,11 @@ def take_batch(queue: deque, max_batch_size: int, dropped: list | None = None, c
 
 
 # `unmask serve`'s default: the fastest policy within 1 point of low_confidence on the built-in
-# model's test splits, measured on this project's 2-core CPU (README, "A fast default"); it needs a
-# trained TSPD controller beside the model, and a model without one gets Fast-dLLM's threshold
-FAST_DEFAULT = "tspd:ce=true"
+# model's test splits, measured on this project's 2-core CPU (README, "A fast default"): TSPD with
+# CE and the controller that also reads the stability features (a departure from the paper's
+# feature set that makes fewer calls there). It needs that controller beside the model; a model
+# without one gets Fast-dLLM's threshold
+FAST_DEFAULT = "tspd:ce=true,stability=true"
 FALLBACK_DEFAULT = "threshold"
 
 

@@ -54,7 +54,7 @@ class ReplicaSettings:
     device: str | None = None
     dtype: str | None = None
     trust_remote_code: bool = False
-    strategy: str = "auto"  # as `unmask serve`: tspd:ce=true where a controller exists, else threshold
+    strategy: str = "auto"  # as `unmask serve`: tspd:ce=true,stability=true where its controller exists, else threshold
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     max_queue: int = 256
     cache: str = "none"

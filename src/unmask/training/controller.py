@@ -13,12 +13,14 @@ shared across positions and sequences, about 2K parameters, and comes in two arc
   (sequence row, generation position), reset at the position's block's first call; offline
   (training) it runs over the sequences that the trace file's `prev` links chain together.
 
-The features carry the temporal part (the window, or the recurrence, over momentum, stability,
+The features carry the temporal part (the window, or the recurrence, over momentum and
 confidence) and the spatial part (offsets, distances to decided neighbours, progress in the block).
-The LSTM is the default, as in the paper; the window MLP is a named departure. On EGP traces of
-1,024 train problems per family of the built-in model the two reach nearly the same validation loss
-and AUC (0.341 / 0.920 LSTM, 0.344 / 0.919 MLP), and the LSTM with CE decodes `arith` more
-accurately at similar NFE (docs/methods.md has the rows).
+By default a controller reads the paper's groups (confidence, entropy, momentum, position);
+`--stability` adds unmask's stability group, a departure. The LSTM is the default, as in the paper;
+the window MLP is a named departure. On EGP traces of 1,024 train problems per family of the
+built-in model the two reach nearly the same validation loss and AUC (0.366 / 0.907 LSTM, 0.367 /
+0.906 MLP; with the stability group 0.341 / 0.920 and 0.344 / 0.919, a gain that comes from the
+streak giving the EGP label away, and that decodes worse: docs/methods.md has the rows).
 
 Training follows the paper's appendix: class-weighted BCE, w1/w0 from inverse class frequency on
 the training split, AdamW (lr 1e-3, weight decay 1e-2), on rows labelled from Extremely Greedy
@@ -30,7 +32,8 @@ validation loss has not improved for `patience` epochs, keeping the best epoch.
 A controller is a folder: `controller.safetensors`, `controller.json` (arch, groups, features,
 window, hidden, what it was trained on, metrics) and `loss.png`. By default it lives beside the
 model it was trained for, in `<model_dir>/controller/` for the LSTM and `<model_dir>/controller-mlp/`
-for the MLP (`controller[-mlp]-drop-GROUP/` for an ablation), which is where `tspd` looks for it.
+for the MLP (`-stability` appended with the stability group, `-drop-GROUP` for an ablation), which
+is where `tspd` looks for it.
 Folders written before `arch` existed are MLPs.
 """
 
@@ -62,7 +65,7 @@ from unmask.decoding.controller import (  # noqa: F401  (re-exported: the traini
     load_controller,
     make_controller,
 )
-from unmask.decoding.features import FEATURE_GROUPS, groups_without
+from unmask.decoding.features import controller_groups
 from unmask.errors import UnmaskError
 
 # ---------------------------------------------------------------------------------------------
@@ -102,6 +105,7 @@ class ControllerTrainConfig:
     traces: tuple[str, ...] = ()
     out: str | None = None  # default: beside the model the traces came from
     drop: str | None = None  # feature group left out (ablation)
+    stability: bool = False  # also read the stability features (a departure: the paper's set has none)
     arch: str = "lstm"  # lstm: LSTM cell over the position's calls in its block (the paper's); mlp: window MLP
     window: int = 3  # calls the MLP sees: this one and window - 1 before it (the LSTM sees them all)
     hidden: int | None = None  # default: 32 for mlp, 16 for lstm
@@ -122,8 +126,10 @@ class ControllerTrainConfig:
         return DEFAULT_HIDDEN.get(self.arch, 0) if self.hidden is None else int(self.hidden)
 
     def validate(self) -> None:
-        if self.drop is not None and self.drop not in FEATURE_GROUPS:
-            raise UnmaskError(f"drop must be one of {', '.join(FEATURE_GROUPS)}, got {self.drop!r}", field="drop")
+        try:
+            controller_groups(self.drop, self.stability)
+        except ValueError as exc:
+            raise UnmaskError(str(exc), field="drop") from None
         if self.arch not in ARCHITECTURES:
             raise UnmaskError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {self.arch!r}", field="arch")
         for name in ("window", "epochs", "patience", "batch_size"):
@@ -252,7 +258,7 @@ def fit_controller(data, config: ControllerTrainConfig) -> tuple[Controller | Re
     val_rows = torch.zeros_like(val_rows)
     val_rows[inputs.rows(val_items)] = True
     w0, w1 = class_weights(labels[train_rows])
-    controller = make_controller(config.arch, groups_without(config.drop), window=config.window, hidden=config.hidden_size)
+    controller = make_controller(config.arch, controller_groups(config.drop, config.stability), window=config.window, hidden=config.hidden_size)
     controller.set_normalisation(torch.as_tensor(data.features, dtype=torch.float32)[train_rows])
     controller.to(device)
     per_batch = inputs.per_batch(config.batch_size, train_items)
@@ -343,7 +349,7 @@ def train_controller(config: ControllerTrainConfig) -> dict:
                 "the traces do not name one model folder to save beside (in-memory model, or several models); pass --out DIR",
                 field="out",
             )
-        out = default_controller_dir(paths.pop(), config.drop, config.arch)
+        out = default_controller_dir(paths.pop(), config.drop, config.arch, config.stability)
     controller, record = fit_controller(data, config)
     trained_on = [{k: m.get(k) for k in ("path", "model", "model_path", "task", "split", "n", "trajectory", "strategy",
                                           "gen_length", "block_length", "rows", "positives")} for m in data.meta]

@@ -4,7 +4,7 @@
                                 [--n 256] [--trajectory egp|low_confidence] [--gen-length L]
                                 [--block-length B] [--batch-size 16] [--seed 0] [--no-early-stop]
                                 [--device D] [--threads N]
-    unmask train controller --traces traces.npz [--traces more.npz] [--out DIR] [--drop GROUP]
+    unmask train controller --traces traces.npz [--traces more.npz] [--out DIR] [--stability] [--drop GROUP]
                             [--arch mlp|lstm] [--window 3] [--hidden H] [--epochs 200] [--patience 10]
                             [--batch-size 512] [--lr 1e-3] [--weight-decay 1e-2]
                             [--val-fraction 0.1] [--seed 0] [--device cpu] [--threads N]
@@ -13,8 +13,10 @@
 the `oracle` decode towards the one-token-per-call low-confidence output); `--trajectory
 low_confidence` records that one-token-per-call reference decode instead.
 `controller` saves beside the model the traces were collected from (`<model_dir>/controller/`,
-`controller-mlp/` for --arch mlp, `-drop-GROUP` appended with --drop) unless --out is given; `tspd`
-finds it there. `--arch lstm` (default, the paper's) is the recurrent controller (an LSTM cell,
+`controller-mlp/` for --arch mlp, `-stability` appended with --stability, `-drop-GROUP` with
+--drop) unless --out is given; `tspd` finds it there. The controller reads the paper's features
+(confidence, entropy, momentum, position); `--stability` adds the stability group, a departure
+(`tspd:stability=true`). `--arch lstm` (default, the paper's) is the recurrent controller (an LSTM cell,
 hidden 16), `--arch mlp` the window MLP.
 """
 
@@ -72,7 +74,10 @@ def add_controller_commands(train_subparsers) -> None:
     )
     train.add_argument("--traces", action="append", required=True, help="npz from collect-traces (repeat for several)")
     train.add_argument("--out", default=None, help="folder to write (default: <model_dir>/controller beside the traced model)")
-    train.add_argument("--drop", default=None, choices=list(FEATURE_GROUPS), help="feature group to leave out (ablation)")
+    train.add_argument("--stability", action="store_true",
+                       help="also read the stability features (top-1 streak, flip flag): a departure, for tspd:stability=true")
+    train.add_argument("--drop", default=None, choices=list(FEATURE_GROUPS),
+                       help="feature group to leave out (ablation; stability only with --stability)")
     train.add_argument("--arch", default=t.arch, choices=list(ARCHITECTURES),
                        help="lstm (default, the paper's): an LSTM cell over the position's calls in its block; mlp: window MLP")
     train.add_argument("--window", type=int, default=t.window,
@@ -102,7 +107,7 @@ def collect_config_from_args(args: argparse.Namespace) -> CollectConfig:
 
 def train_config_from_args(args: argparse.Namespace) -> ControllerTrainConfig:
     return ControllerTrainConfig(
-        traces=tuple(args.traces), out=args.out, drop=args.drop, arch=args.arch, window=args.window, hidden=args.hidden,
+        traces=tuple(args.traces), out=args.out, drop=args.drop, stability=args.stability, arch=args.arch, window=args.window, hidden=args.hidden,
         epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, val_fraction=args.val_fraction, seed=args.seed, device=args.device,
         threads=args.threads, plot=args.plot, progress=args.progress,

@@ -21,6 +21,9 @@ class LearnedDraftsConfig(TSPDConfig):
     # commit a masked position when the controller's P(final) exceeds tau or its confidence reaches
     # conf_tau (TSPD's rule and Fast-dLLM's, united); `tau` is also the controller's bar for `tspd`
     conf_tau: float | None = 0.9
+    # its controller also reads the stability features (controller-stability/ beside the model):
+    # with the united rule and verification it decodes in fewer calls than the paper's feature set
+    stability: bool = True
     depth: int = 3  # drafts per call (levels of one position each), verified in the same call
     order: str = "controller"  # draft order: controller (P(final)), confidence (PSD's) or position (left to right)
 
@@ -38,8 +41,9 @@ class LearnedDraftsConfig(TSPDConfig):
 class LearnedDrafts(TSPD):
     """unmask's own policy: a controller trained on oracle labels, its mistakes caught by verification.
 
-    Each call, TSPD's controller (the LSTM shipped beside the model, trained on the oracle's own
-    trajectories: label 1 where a position's top-1 already is its final token) gives every position
+    Each call, TSPD's controller (the LSTM shipped beside the model in `controller-stability/`,
+    trained on the oracle's own trajectories: label 1 where a position's top-1 already is its
+    final token; it reads the paper's features and the stability ones) gives every position
     of the block P(final). Masked positions with P(final) > `tau` or confidence >= `conf_tau` are
     committed (at least one per call: the most probable). The positions still masked are ranked by
     P(final) and drafted one per level, as PSD drafts: draft k fills the k best with their current
@@ -55,7 +59,8 @@ class LearnedDrafts(TSPD):
     `order=position` drafts left to right. `tau`, `conf_tau` and `depth` trade calls for accuracy:
     docs/methods.md gives the measured frontier.
 
-    Needs the controller beside the model (`controller/`), or `controller=PATH`, like `tspd`.
+    Needs the controller beside the model (`controller-stability/`; `stability=false` reads
+    `controller/`, the paper's feature set), or `controller=PATH`, like `tspd`.
     """
 
     name = "learned_drafts"

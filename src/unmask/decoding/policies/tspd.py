@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from unmask.decoding.controller import ARCHITECTURES
-from unmask.decoding.features import FEATURE_GROUPS, FeatureTracker, groups_without
+from unmask.decoding.features import FeatureTracker, controller_groups
 from unmask.decoding.policies.base import Decision, Policy, PolicyConfig
 from unmask.decoding.policies.ce import CEConfig, ConfidenceExtrapolation, with_progress
 from unmask.decoding.registry import register_policy
@@ -19,10 +19,13 @@ from unmask.errors import UnmaskError
 @dataclass
 class TSPDConfig(PolicyConfig):
     tau: float = 0.9  # commit a masked position when the controller's P(converged) exceeds tau
-    controller: str | None = None  # controller folder; default <model_dir>/controller[-mlp][-drop-GROUP]
+    controller: str | None = None  # controller folder; default <model_dir>/controller[-mlp][-stability][-drop-GROUP]
     arch: str = "lstm"  # which controller beside the model: lstm (controller/, the paper's) or mlp (controller-mlp/)
     drop: str | None = None  # feature group left out; the controller must have been trained without it
     ce: bool = False  # add CE's look-ahead commits and holds (at CE's default settings)
+    # departure (off in the paper's setting): a controller that also reads the stability features
+    # (the top-1's unchanged streak and the flip flag; controller-stability/ beside the model)
+    stability: bool = False
     # departure (off in the paper's setting): also commit masked positions whose confidence reaches
     # conf_tau, Fast-dLLM's threshold rule beside the controller's
     conf_tau: float | None = None
@@ -33,8 +36,10 @@ class TSPDConfig(PolicyConfig):
             raise UnmaskError(f"tau must be in [0, 1), got {self.tau}", field="tau")
         if self.arch not in ARCHITECTURES:
             raise UnmaskError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {self.arch!r}", field="arch")
-        if self.drop is not None and self.drop not in FEATURE_GROUPS:
-            raise UnmaskError(f"drop must be one of {', '.join(FEATURE_GROUPS)}, got {self.drop!r}", field="drop")
+        try:
+            controller_groups(self.drop, self.stability)
+        except ValueError as exc:
+            raise UnmaskError(str(exc), field="drop") from None
         if self.conf_tau is not None and not 0.0 < self.conf_tau <= 1.0:
             raise UnmaskError(f"conf_tau must be in (0, 1], got {self.conf_tau}", field="conf_tau")
 
@@ -43,8 +48,8 @@ class TSPDConfig(PolicyConfig):
 class TSPD(Policy):
     """Temporal-Spatial Parallel Decoding (arXiv 2605.30753): a tiny learned controller decides convergence.
 
-    Each call, every position of the block gets its trajectory features (confidence, margin,
-    entropy, momentum, stability, position; `unmask.decoding.features`); the controller
+    Each call, every position of the block gets its trajectory features (the paper's: confidence
+    and margin, entropy, momentum, position; `unmask.decoding.features`); the controller
     (`unmask train controller`, about 2K parameters) maps them, with the position's earlier calls
     in the block, to the probability that its top-1 is already final. Masked positions with
     probability above `tau` are committed; if none is, the most probable one. With `ce=true`,
@@ -69,18 +74,21 @@ class TSPD(Policy):
 
     The controller is read from `controller=PATH` (whatever its architecture), else from the
     model's folder: `<model_dir>/controller/` (`arch=lstm`, the default) or
-    `<model_dir>/controller-mlp/` (`arch=mlp`), with `-drop-GROUP` appended for `drop`. `drop` removes a
-    feature group for the ablation and requires a controller trained without exactly that group.
+    `<model_dir>/controller-mlp/` (`arch=mlp`), with `-stability` appended for `stability=true` and
+    `-drop-GROUP` for `drop`. `drop` removes a feature group for the ablation and requires a
+    controller trained without exactly that group.
     Per call the overhead is one feature pass and one small MLP or LSTM-cell step over the block.
 
-    Departure, off by default: `conf_tau=P` also commits masked positions whose confidence reaches P
-    (Fast-dLLM's threshold rule beside the controller's; CE's holds apply to them too). Measured
-    beside the paper's rule in docs/methods.md.
+    Departures, off by default, measured beside the paper's setting in docs/methods.md:
+    `conf_tau=P` also commits masked positions whose confidence reaches P (Fast-dLLM's threshold
+    rule beside the controller's; CE's holds apply to them too); `stability=true` reads a controller
+    that also sees the stability features (the top-1's streak and flip flag), which on EGP traces
+    learns that a settled prediction is not final (see `unmask.decoding.features`).
     """
 
     name = "tspd"
     Config = TSPDConfig
-    departures = ("conf_tau",)
+    departures = ("conf_tau", "stability")
 
     def __init__(self, config: TSPDConfig | None = None, controller=None):
         super().__init__(config)
@@ -102,7 +110,7 @@ class TSPD(Policy):
                 "pass tspd:controller=PATH",
                 field="controller",
             )
-        return default_controller_dir(model.path, self.config.drop, self.config.arch)
+        return default_controller_dir(model.path, self.config.drop, self.config.arch, self.config.stability)
 
     def unavailable(self, model) -> str | None:
         if self._given:
@@ -132,15 +140,16 @@ class TSPD(Policy):
         self.tracker = FeatureTracker(window=self.controller.window)
 
     def _check_groups(self) -> None:
-        expected = set(groups_without(self.config.drop))
-        trained = set(self.controller.groups)
-        if trained != expected:
-            missing = sorted(set(FEATURE_GROUPS) - trained)
-            how = f"without {', '.join(missing)}" if missing else "with every feature group"
-            want = f"--drop {self.config.drop}" if self.config.drop else "no --drop"
+        cfg = self.config
+        expected = controller_groups(cfg.drop, cfg.stability)
+        trained = tuple(self.controller.groups)
+        if set(trained) != set(expected):
+            flags = " ".join(f for f in ("--stability" if cfg.stability else "", f"--drop {cfg.drop}" if cfg.drop else "") if f)
+            asked = ",".join(f for f in ("stability=true" if cfg.stability else "", f"drop={cfg.drop}" if cfg.drop else "") if f)
             raise UnmaskError(
-                f"the TSPD controller was trained {how}, but this strategy asks for drop={self.config.drop}; "
-                f"train one with `unmask train controller {want}` or change drop",
+                f"the TSPD controller reads the feature groups {', '.join(trained)}, but this strategy "
+                f"({asked or 'the paper setting'}) needs {', '.join(expected)}; train one with "
+                f"`unmask train controller{' ' + flags if flags else ''}` or change stability/drop",
                 field="drop",
             )
 
