@@ -182,6 +182,10 @@ def test_egp_traces_on_a_tiny_model_are_the_oracle_decode_and_every_label_is_top
     assert (streak[data.labels == 1] == 1).all()
     settled = streak >= 2
     assert settled.any() and (data.labels[settled] == 0).all()
+    # and after a position's first call in its block, a positive row is always a flip
+    flipped = data.features[:, FEATURE_NAMES.index("flipped")] == 1
+    later_positive = (data.prev >= 0) & (data.labels == 1)
+    assert later_positive.any() and flipped[later_positive].all()
     # collect() gives the same rows
     again, _ = collect(model, EGP_PROMPTS, batch_size=3, **kwargs)
     np.testing.assert_array_equal(again.labels, data.labels)

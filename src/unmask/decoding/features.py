@@ -24,9 +24,10 @@ left out of a controller (`tspd:drop=GROUP`, `unmask train controller --drop GRO
   capped at `STABILITY_CAP`, divided by it), `flipped` (1 if the top-1 changed at this call).
   Kept apart from `confidence` so the ablation can tell "sure" from "settled". Not in the
   paper's set, and misleading on its own supervision: in an Extremely Greedy Parallel trace a
-  position is committed at the first call where its top-1 is final, so every row with a streak of
-  2 or more (the top-1 unchanged since a call where it was not final) is labelled 0, and a
-  controller that reads the streak learns that a settled prediction is not final.
+  position is committed at the first call where its top-1 is final, so after a position's first
+  call in its block a row is final only if its top-1 just changed (flipped), and every row with a
+  streak of 2 or more is labelled 0. A controller that reads the group learns that a settled
+  prediction is not final.
 - `position` — where the token sits: `block_offset` and `gen_offset` (relative position in the
   block and in the generation, 0..1), `left_distance` and `right_distance` (distance to the nearest
   decided token on each side within the block, capped at the block length and divided by it),

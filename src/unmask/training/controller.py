@@ -20,7 +20,8 @@ By default a controller reads the paper's groups (confidence, entropy, momentum,
 the window MLP is a named departure. On EGP traces of 1,024 train problems per family of the
 built-in model the two reach nearly the same validation loss and AUC (0.366 / 0.907 LSTM, 0.367 /
 0.906 MLP; with the stability group 0.341 / 0.920 and 0.344 / 0.919, a gain that comes from the
-streak giving the EGP label away, and that decodes worse: docs/methods.md has the rows).
+streak and flip flag giving the EGP label away, and that decodes worse: docs/methods.md has the
+rows).
 
 Training follows the paper's appendix: class-weighted BCE, w1/w0 from inverse class frequency on
 the training split, AdamW (lr 1e-3, weight decay 1e-2), on rows labelled from Extremely Greedy
