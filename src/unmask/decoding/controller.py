@@ -16,7 +16,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from unmask.decoding.features import FEATURE_GROUPS, FEATURE_NAMES, PAPER_GROUPS, feature_columns, fill_window
+from unmask.decoding.features import (
+    FEATURE_GROUPS,
+    FEATURE_NAMES,
+    PAPER_GROUPS,
+    controller_groups,
+    feature_columns,
+    fill_window,
+)
 from unmask.errors import UnmaskError
 
 CONTROLLER_FORMAT = "unmask-controller/1"
@@ -39,6 +46,14 @@ def default_controller_dir(model_path, drop: str | None = None, arch: str = "lst
     if drop is not None:
         name += f"-drop-{drop}"
     return Path(model_path) / name
+
+
+def checked_groups(drop: str | None, stability: bool) -> tuple[str, ...]:
+    """`controller_groups(drop, stability)`, with a bad combination as a one-line UnmaskError on `drop`."""
+    try:
+        return controller_groups(drop, stability)
+    except ValueError as exc:
+        raise UnmaskError(str(exc), field="drop") from None
 
 
 class _ControllerBase(nn.Module):

@@ -62,11 +62,11 @@ from unmask.decoding.controller import (  # noqa: F401  (re-exported: the traini
     RecurrentController,
     _ControllerBase,
     build_windows,
+    checked_groups,
     default_controller_dir,
     load_controller,
     make_controller,
 )
-from unmask.decoding.features import controller_groups
 from unmask.errors import UnmaskError
 
 # ---------------------------------------------------------------------------------------------
@@ -127,10 +127,7 @@ class ControllerTrainConfig:
         return DEFAULT_HIDDEN.get(self.arch, 0) if self.hidden is None else int(self.hidden)
 
     def validate(self) -> None:
-        try:
-            controller_groups(self.drop, self.stability)
-        except ValueError as exc:
-            raise UnmaskError(str(exc), field="drop") from None
+        checked_groups(self.drop, self.stability)
         if self.arch not in ARCHITECTURES:
             raise UnmaskError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {self.arch!r}", field="arch")
         for name in ("window", "epochs", "patience", "batch_size"):
@@ -259,7 +256,7 @@ def fit_controller(data, config: ControllerTrainConfig) -> tuple[Controller | Re
     val_rows = torch.zeros_like(val_rows)
     val_rows[inputs.rows(val_items)] = True
     w0, w1 = class_weights(labels[train_rows])
-    controller = make_controller(config.arch, controller_groups(config.drop, config.stability), window=config.window, hidden=config.hidden_size)
+    controller = make_controller(config.arch, checked_groups(config.drop, config.stability), window=config.window, hidden=config.hidden_size)
     controller.set_normalisation(torch.as_tensor(data.features, dtype=torch.float32)[train_rows])
     controller.to(device)
     per_batch = inputs.per_batch(config.batch_size, train_items)

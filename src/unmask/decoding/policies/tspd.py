@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from unmask.decoding.controller import ARCHITECTURES
-from unmask.decoding.features import FeatureTracker, controller_groups
+from unmask.decoding.controller import ARCHITECTURES, checked_groups
+from unmask.decoding.features import FeatureTracker
 from unmask.decoding.policies.base import Decision, Policy, PolicyConfig
 from unmask.decoding.policies.ce import CEConfig, ConfidenceExtrapolation, with_progress
 from unmask.decoding.registry import register_policy
@@ -36,10 +36,7 @@ class TSPDConfig(PolicyConfig):
             raise UnmaskError(f"tau must be in [0, 1), got {self.tau}", field="tau")
         if self.arch not in ARCHITECTURES:
             raise UnmaskError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {self.arch!r}", field="arch")
-        try:
-            controller_groups(self.drop, self.stability)
-        except ValueError as exc:
-            raise UnmaskError(str(exc), field="drop") from None
+        checked_groups(self.drop, self.stability)
         if self.conf_tau is not None and not 0.0 < self.conf_tau <= 1.0:
             raise UnmaskError(f"conf_tau must be in (0, 1], got {self.conf_tau}", field="conf_tau")
 
@@ -141,15 +138,18 @@ class TSPD(Policy):
 
     def _check_groups(self) -> None:
         cfg = self.config
-        expected = controller_groups(cfg.drop, cfg.stability)
+        expected = checked_groups(cfg.drop, cfg.stability)
         trained = tuple(self.controller.groups)
         if set(trained) != set(expected):
-            flags = " ".join(f for f in ("--stability" if cfg.stability else "", f"--drop {cfg.drop}" if cfg.drop else "") if f)
-            asked = ",".join(f for f in ("stability=true" if cfg.stability else "", f"drop={cfg.drop}" if cfg.drop else "") if f)
+            # (training flag, strategy option) for each setting that picks the groups
+            chosen = ([("--stability", "stability=true")] if cfg.stability else []) + \
+                     ([(f"--drop {cfg.drop}", f"drop={cfg.drop}")] if cfg.drop else [])
+            flags = "".join(" " + flag for flag, _ in chosen)
+            asked = ",".join(option for _, option in chosen) or "the paper setting"
             raise UnmaskError(
                 f"the TSPD controller reads the feature groups {', '.join(trained)}, but this strategy "
-                f"({asked or 'the paper setting'}) needs {', '.join(expected)}; train one with "
-                f"`unmask train controller{' ' + flags if flags else ''}` or change stability/drop",
+                f"({asked}) needs {', '.join(expected)}; train one with "
+                f"`unmask train controller{flags}` or change stability/drop",
                 field="drop",
             )
 
