@@ -71,6 +71,9 @@ def measure(model, task, problems, strategy: str, batch_size: int = 50, **decode
     """Both measurements (see the module docstring) on `problems`."""
     oracle_seqs, policy_nfe = [], []
     policy = parse_strategy(strategy)
+    if len(getattr(policy.config, "orders", ())) > 1:
+        raise UnmaskError(f"{strategy} drafts several chains; the chain table counts one: give a single order",
+                          field="order")
     counter = ChainCounter(policy)
     for start in range(0, len(problems), batch_size):
         chunk = problems[start : start + batch_size]

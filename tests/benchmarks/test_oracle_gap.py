@@ -46,3 +46,11 @@ def test_a_chain_stops_at_its_first_unconfirmed_level(script):
     report = script.measure(_model(break_3=True), Task(), ["hello"], "psd")
     assert [(r["level"], r["built"], r["kept"]) for r in report["chain"]] == [(1, 2, 2), (2, 2, 2), (3, 2, 1)]
     assert report["chain"][2]["kept_share"] == 0.5
+
+
+def test_a_strategy_with_several_chains_is_refused_with_the_reason(script):
+    from unmask.errors import UnmaskError
+
+    with pytest.raises(UnmaskError) as err:
+        script.measure(_model(), Task(), ["hello"], "learned_drafts:order=controller+position")
+    assert err.value.field == "order" and "single order" in str(err.value)

@@ -169,3 +169,130 @@ def test_depth_0_is_tspd_with_the_threshold_rule_beside_the_controller(make):
         added.append(sorted(decided - before))
         before = decided
     assert added == [[0], [7], [6], [5], [4], [3], [2], [1]]
+
+
+# --- several draft orders: one chain each, the deepest confirmed kept ------------------------------
+
+def test_several_orders_lay_one_chain_each_end_to_end():
+    # committed: position 0 (0.95). Chain 1, controller order: 2, 4, 1 (P 0.8, 0.6, 0.3); chain 2,
+    # left to right: 1, 2, 3. Each chain starts again from the committed block
+    decision = _decide(_policy(TABLE5, order="controller+position"), CONF5, [[True] * 5])
+    d = decision.drafts[0]
+    assert d.shape[0] == 6
+    committed = torch.tensor([2, 0, 0, 0, 0])  # position 0 committed (its top-1 is token 2), the rest masked
+    drafted = [(level != committed).nonzero().squeeze(1).tolist() for level in d]
+    assert drafted == [[2], [2, 4], [1, 2, 4], [1], [1, 2], [1, 2, 3]]
+
+
+def test_a_row_with_fewer_positions_than_the_depth_drafts_one_chain_only():
+    # two rows: the first leaves 4 positions to draft (chains of 3 levels), the second, masked at
+    # 1 and 3, commits 1 (forced: nothing trusted, highest P) and leaves only 3: it drafts {3} once,
+    # and every later canvas of its repeats that draft (no new canvas for the loop to forward)
+    policy = _policy(TABLE5, order="controller+position")
+    probs = torch.stack([peaked([2, 3, 4, 5, 6], CONF5, 12)] * 2)
+    view = make_view(probs, masked=[[True] * 5, [False, True, False, True, False]])
+    decision = policy.decide(view, policy.init_state(2, 5, torch.device("cpu")))
+    assert decision.commit[1].tolist() == [False, True, False, False, False]
+    committed = torch.where(decision.commit[1], torch.tensor([2, 3, 4, 5, 6]), view.tokens[1])
+    short = torch.cat([committed[None], decision.drafts[1]])
+    new = (short[1:] != short[:-1]).any(-1).tolist()
+    assert new == [True, False, False, False, False, False]
+    assert (short[1] != short[0]).nonzero().squeeze(1).tolist() == [3]
+
+
+def _candidates(levels_per_chain, committed):
+    """(1, 1 + C x K, 4) canvases: `committed`, then each chain's levels given as {position: token}."""
+    out = [list(committed)]
+    for chain in levels_per_chain:
+        canvas = list(committed)
+        for level in chain:
+            for p, t in level.items():
+                canvas[p] = t
+            out.append(list(canvas))
+    return torch.tensor([out])
+
+
+M = 9  # the mask in the hand-made canvases below
+
+
+def _top1(predictions):
+    """(1, canvases, 4) top-1 per canvas from {canvas index: {position: token}}; unlisted: 7."""
+    return torch.tensor([[[predictions.get(i, {}).get(p, 7) for p in range(4)] for i in range(5)]])
+
+
+@pytest.mark.parametrize("predicted, chosen, kept_beyond_first", [
+    # chain 1 adds 3 then 2; chain 2 adds 1 then 2. On the committed block (canvas 0) position 3
+    # predicts 8, not the drafted 5: chain 1 is confirmed to depth 0. Position 1 predicts the drafted
+    # 6 there, and on chain 2's first draft (canvas 3) position 2 predicts the drafted 4: depth 2,
+    # the deepest, so canvas 1 x 2 + 2 = 4
+    ({0: {3: 8, 1: 6}, 3: {2: 4}}, 4, 1.0),
+    # both chains confirmed to depth 1 (canvas 1 does not confirm 2, nor canvas 3): the earlier
+    # chain's, canvas 1
+    ({0: {3: 5, 1: 6}, 1: {2: 8}, 3: {2: 8}}, 1, 0.0),
+    # chain 1 confirmed to depth 2 (3 on canvas 0, then 2 on canvas 1), chain 2 to 1: canvas 2
+    ({0: {3: 5, 1: 6}, 1: {2: 4}, 3: {2: 8}}, 2, 0.0),
+])
+def test_the_deepest_confirmed_chain_is_kept(predicted, chosen, kept_beyond_first):
+    from unmask.decoding.policies.learned_drafts import deepest_chain
+
+    cands = _candidates([[{3: 5}, {2: 4}], [{1: 6}, {2: 4}]], [1, M, M, M])
+    index, events = deepest_chain(cands, _top1(predicted), torch.ones(cands.shape), depth=2)
+    assert index.tolist() == [chosen]
+    assert events["chain_kept_beyond_first"].tolist() == [kept_beyond_first]
+
+
+def test_a_later_chain_that_repeats_the_first_chains_draft_confirms_nothing():
+    from unmask.decoding.policies.learned_drafts import deepest_chain
+
+    # one position left to draft: the first chain adds 3 (level 1, then a repeat), the second chain
+    # repeats that draft. Canvas 0 confirms 3, so the first chain keeps depth 1 (canvas 1); the
+    # second chain's canvases, though their tokens all agree, are not a chain of one position per level
+    cands = _candidates([[{3: 5}, {}], [{3: 5}, {}]], [1, 2, 3, M])
+    index, _ = deepest_chain(cands, _top1({0: {3: 5}}), torch.ones(cands.shape), depth=2)
+    assert index.tolist() == [1]
+
+
+def test_a_decode_keeps_the_chain_the_model_confirms_deepest():
+    # position 6 predicts WRONG once 7 is filled while 6 is masked.
+    # call 1: plain forward; commits 0 (0.95); drafts: controller order {7}, {7,6}, {7,6,5};
+    #         left to right {1}, {1,2}, {1,2,3}
+    # call 2: scores x0 and 6 drafts (7 rows). Controller chain: 7 confirmed, then 6 is not (the
+    #         canvas with 7 filled says WRONG): depth 1. Left to right: 1, 2, 3 all confirmed: depth 3,
+    #         kept. Its logits (7 still masked) are the next step: 4..7 left, none trusted, the most
+    #         probable by P (7, 0.8) is committed; 4, 5, 6 are drafted: {6}, {6,5}, {6,5,4} and {4},
+    #         {4,5}, {4,5,6}
+    # call 3: 7 rows. Controller chain: 6 is not confirmed (7 is filled): depth 0. Left to right:
+    #         4, 5 confirmed, 6 not: depth 2, kept. Its logits say WRONG at 6, the last masked
+    #         position, which the next step commits (forced) without drafting: no further call
+    model = _model(break_at=(6, 7))
+    seq = generate(model, ["hello"], _policy(RISING, order="controller+position"), record_trace=True).sequences[0]
+    assert model.network.calls == [1, 7, 7]
+    assert (seq.nfe, seq.rows) == (3, 15)
+    assert seq.trace.tokens_after[0].tolist() == TARGET[:4] + [MASK] * 4
+    assert seq.trace.tokens_after[1].tolist() == TARGET[:6] + [MASK] + TARGET[7:]
+    assert seq.tokens == TARGET[:6] + [WRONG] + TARGET[7:]
+    assert seq.events["draft_tokens_accepted"] == 5
+    assert seq.events["chain_kept_beyond_first"] == 2
+
+
+@pytest.mark.parametrize("order, depth", [("controller+controller", 3), ("controller+random", 3),
+                                          ("controller+position", 1)])
+def test_bad_order_lists_are_refused(order, depth):
+    with pytest.raises(UnmaskError) as err:
+        LearnedDraftsConfig(order=order, depth=depth).validate()
+    assert err.value.field == ("depth" if depth == 1 else "order")
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+def test_several_chains_decode_padded_batches_as_each_prompt_alone(cache, tmp_path):
+    from unmask.testing import tiny_llada, write_tiny_controller
+
+    model = tiny_llada(gen_length=16, block_length=8)
+    folder = write_tiny_controller(tmp_path / "controller-stability", stability=True)
+    spec = f"learned_drafts:tau=0.5,order=controller+position+least_confident,controller={folder}"
+    prompts = ["what is 2 plus 3 ?", "hello", "tom has 5 apples and ann has 7 pens . how many apples ?"]
+    batch = generate(model, prompts, spec, cache=cache)
+    for prompt, seq in zip(prompts, batch.sequences):
+        assert model.mask_id not in seq.tokens
+        alone = generate(model, [prompt], spec, cache=cache).sequences[0]
+        assert (alone.tokens, alone.nfe, alone.rows) == (seq.tokens, seq.nfe, seq.rows), prompt

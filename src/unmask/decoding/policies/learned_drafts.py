@@ -13,7 +13,7 @@ from unmask.decoding.policies.tspd import TSPD, TSPDConfig
 from unmask.decoding.registry import register_policy
 from unmask.errors import UnmaskError
 
-ORDERS = ("controller", "confidence", "position")
+ORDERS = ("controller", "confidence", "position", "least_confident")
 
 
 @dataclass
@@ -25,7 +25,13 @@ class LearnedDraftsConfig(TSPDConfig):
     # with the united rule and verification it decodes in fewer calls than the paper's feature set
     stability: bool = True
     depth: int = 3  # drafts per call (levels of one position each), verified in the same call
-    order: str = "controller"  # draft order: controller (P(final)), confidence (PSD's) or position (left to right)
+    # draft order: controller (P(final)), confidence (PSD's), position (left to right) or
+    # least_confident; several joined by "+" draft one chain each, and the deepest confirmed is kept
+    order: str = "controller"
+
+    @property
+    def orders(self) -> tuple[str, ...]:
+        return tuple(self.order.split("+"))
 
     def validate(self) -> None:
         super().validate()
@@ -33,8 +39,13 @@ class LearnedDraftsConfig(TSPDConfig):
             raise UnmaskError("learned_drafts has no CE variant; use tspd:ce=true for that", field="ce")
         if not 0 <= self.depth <= 16:
             raise UnmaskError(f"depth must be between 0 and 16 drafts, got {self.depth}", field="depth")
-        if self.order not in ORDERS:
-            raise UnmaskError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}", field="order")
+        unknown = [o for o in self.orders if o not in ORDERS]
+        if unknown or len(set(self.orders)) != len(self.orders):
+            raise UnmaskError(f"order must be one of {', '.join(ORDERS)}, or several different ones joined by '+', "
+                              f"got {self.order!r}", field="order")
+        if len(self.orders) > 1 and self.depth < 2:
+            raise UnmaskError(f"several draft orders need depth >= 2 (a chain of one level is a threshold test "
+                              f"on one canvas), got depth {self.depth}", field="depth")
 
 
 @register_policy
@@ -56,8 +67,12 @@ class LearnedDrafts(TSPD):
     nested drafts and one-call hierarchical verification. What is new: the controller's P(final)
     both commits and orders the drafts, so verification checks the positions the oracle's labels say
     are most likely already final. `order=confidence` is PSD's order (with the united commit rule);
-    `order=position` drafts left to right. `tau`, `conf_tau` and `depth` trade calls for accuracy:
-    docs/methods.md gives the measured frontier.
+    `order=position` drafts left to right, `order=least_confident` the least confident first.
+    Several orders joined by "+" (`order=controller+position+confidence`) draft one chain each
+    from the same committed block, all scored in the same call; each chain is checked alone, and
+    the deepest confirmed one is kept (the earliest listed on a tie). Chains fail at different
+    places, so more chains mean fewer calls for more rows. `tau`, `conf_tau`, `depth` and the
+    orders trade calls, rows and accuracy: docs/methods.md gives the measured frontier.
 
     Needs the controller beside the model (`controller-stability/`; `stability=false` reads
     `controller/`, the paper's feature set), or `controller=PATH`, like `tspd`.
@@ -75,15 +90,63 @@ class LearnedDrafts(TSPD):
         observation = self.tracker.update(view, state["features"])
         prob = self.controller_probability(view, state, observation)  # (b, block) P(final)
         commit = with_progress(self.base_commits(view, prob), prob, view.masked)
-        if cfg.order == "controller":
-            score = prob
-        elif cfg.order == "confidence":
-            score = view.confidence
-        else:  # left to right
-            score = -view.positions.float()
+        scores = {"controller": lambda: prob, "confidence": lambda: view.confidence,
+                  "position": lambda: -view.positions.float(), "least_confident": lambda: -view.confidence}
         group = torch.ones_like(view.block_step)
-        return Decision(commit=commit, drafts=nested_drafts(view, commit, score, group, cfg.depth))
+        chains = [nested_drafts(view, commit, scores[o](), group, cfg.depth) for o in cfg.orders]
+        return Decision(commit=commit, drafts=joined_chains(view, commit, chains, cfg.depth))
 
     def accept(self, view, state, candidates, draft_top1, draft_conf):
-        depth, _, events = hierarchical_depth(candidates, draft_top1, draft_conf)
-        return depth, events
+        return deepest_chain(candidates, draft_top1, draft_conf, self.config.depth)
+
+
+def joined_chains(view, commit: torch.Tensor, chains: list, depth: int) -> torch.Tensor | None:
+    """Several chains of nested drafts laid end to end: (batch, C x depth, block), or the first alone.
+
+    Every chain holds `depth` levels when some row leaves `depth` positions or more to draft; a row
+    that leaves fewer drafts them in the first chain only, and its later chains repeat the first
+    chain's deepest draft, so that it adds no canvas (the loop forwards a row's canvases up to its
+    last new one).
+    """
+    first = chains[0]
+    if first is None or len(chains) == 1 or first.shape[1] < depth:
+        return first
+    short = ((view.masked & ~commit).sum(-1) < depth)[:, None, None]
+    rest = [torch.where(short, first[:, -1:].expand_as(c), c) for c in chains[1:]]
+    return torch.cat([first, *rest], dim=1)
+
+
+def deepest_chain(candidates, draft_top1, draft_conf, depth: int):
+    """The index (into `candidates`) of the deepest confirmed draft over all chains, and events.
+
+    candidates: (batch, 1 + C x depth, block): the committed block, then C chains of `depth` nested
+    drafts. Each chain is checked alone by PSD's hierarchical acceptance against the committed
+    block; the deepest confirmed chain wins (the earliest on a tie). A later chain that repeats the
+    first chain's deepest draft (a row with fewer positions to draft) confirms nothing.
+    """
+    n_chains = max(1, (candidates.shape[1] - 1) // depth) if depth else 1
+    if n_chains == 1:
+        chosen, _, events = hierarchical_depth(candidates, draft_top1, draft_conf)
+        return chosen, events
+    best = chosen = chain_of = None
+    built = torch.zeros(candidates.shape[0], device=candidates.device)
+    for c in range(n_chains):
+        index = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(c * depth + 1, (c + 1) * depth + 1)])
+        index = index.to(candidates.device)
+        sub = candidates[:, index]
+        d, levels, _ = hierarchical_depth(sub, draft_top1[:, index], draft_conf[:, index])
+        if c:
+            one_each = ((sub[:, 1:] != sub[:, :-1]).sum(-1) == 1).all(-1)  # a real chain adds one per level
+            d = torch.where(one_each, d, torch.zeros_like(d))
+            levels = torch.where(one_each, levels, torch.zeros_like(levels))
+        built += levels
+        if best is None:
+            best, chosen, chain_of = d, d.clone(), torch.zeros_like(d)
+        else:
+            deeper = d > best
+            chosen = torch.where(deeper, d + c * depth, chosen)
+            chain_of = torch.where(deeper, torch.full_like(chain_of, c), chain_of)
+            best = torch.maximum(best, d)
+    events = {"drafts_built": built, "draft_depth_accepted": best.float(), "draft_tokens_accepted": best.float(),
+              "chain_kept_beyond_first": (chain_of > 0).float()}
+    return chosen, events
