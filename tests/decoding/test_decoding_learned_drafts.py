@@ -276,6 +276,7 @@ def test_a_decode_keeps_the_chain_the_model_confirms_deepest():
 
 
 @pytest.mark.parametrize("order, depth", [("controller+controller", 3), ("controller+random", 3),
+                                          ("controller+", 3), ("+", 3), ("", 3), (None, 3),
                                           ("controller+position", 1)])
 def test_bad_order_lists_are_refused(order, depth):
     with pytest.raises(UnmaskError) as err:

@@ -31,7 +31,7 @@ class LearnedDraftsConfig(TSPDConfig):
 
     @property
     def orders(self) -> tuple[str, ...]:
-        return tuple(self.order.split("+"))
+        return tuple(self.order.split("+")) if isinstance(self.order, str) else ()
 
     def validate(self) -> None:
         super().validate()
@@ -40,7 +40,7 @@ class LearnedDraftsConfig(TSPDConfig):
         if not 0 <= self.depth <= 16:
             raise UnmaskError(f"depth must be between 0 and 16 drafts, got {self.depth}", field="depth")
         unknown = [o for o in self.orders if o not in ORDERS]
-        if unknown or len(set(self.orders)) != len(self.orders):
+        if not self.orders or unknown or len(set(self.orders)) != len(self.orders):
             raise UnmaskError(f"order must be one of {', '.join(ORDERS)}, or several different ones joined by '+', "
                               f"got {self.order!r}", field="order")
         if len(self.orders) > 1 and self.depth < 2:
