@@ -128,25 +128,20 @@ def deepest_chain(candidates, draft_top1, draft_conf, depth: int):
     if n_chains == 1:
         chosen, _, events = hierarchical_depth(candidates, draft_top1, draft_conf)
         return chosen, events
-    best = chosen = chain_of = None
-    built = torch.zeros(candidates.shape[0], device=candidates.device)
+    depths, built = [], 0
     for c in range(n_chains):
         index = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(c * depth + 1, (c + 1) * depth + 1)])
         index = index.to(candidates.device)
         sub = candidates[:, index]
         d, levels, _ = hierarchical_depth(sub, draft_top1[:, index], draft_conf[:, index])
-        if c:
-            one_each = ((sub[:, 1:] != sub[:, :-1]).sum(-1) == 1).all(-1)  # a real chain adds one per level
-            d = torch.where(one_each, d, torch.zeros_like(d))
-            levels = torch.where(one_each, levels, torch.zeros_like(levels))
-        built += levels
-        if best is None:
-            best, chosen, chain_of = d, d.clone(), torch.zeros_like(d)
-        else:
-            deeper = d > best
-            chosen = torch.where(deeper, d + c * depth, chosen)
-            chain_of = torch.where(deeper, torch.full_like(chain_of, c), chain_of)
-            best = torch.maximum(best, d)
-    events = {"drafts_built": built, "draft_depth_accepted": best.float(), "draft_tokens_accepted": best.float(),
+        if c:  # a real chain adds one position per level; a repeat of the first chain's draft confirms nothing
+            one_each = ((sub[:, 1:] != sub[:, :-1]).sum(-1) == 1).all(-1)
+            d, levels = d * one_each, levels * one_each
+        depths.append(d)
+        built = built + levels
+    depths = torch.stack(depths)  # (C, batch)
+    best, chain_of = depths.max(0).values, depths.argmax(0)  # argmax: the earliest chain on a tie
+    chosen = best + chain_of * depth  # chain c's level k is candidate c x depth + k (0 when nothing is kept)
+    events = {"drafts_built": built.float(), "draft_depth_accepted": best.float(), "draft_tokens_accepted": best.float(),
               "chain_kept_beyond_first": (chain_of > 0).float()}
     return chosen, events
