@@ -1,6 +1,7 @@
 """The trace of a decode: for every step and generation position, what the model said there.
 
-Recorded by the loop when `DecodeConfig.record_trace` is on. Arrays are (steps, gen_length) with
+Recorded by the loop (one row per call, kept with the sequence's slot and built into a `Trace` when it
+leaves) when `DecodeConfig.record_trace` is on. Arrays are (steps, gen_length) with
 step 0 the first model call. Confidence, margin and entropy are of the un-noised top-1. R², TSPD,
 CE features, the visualiser and the redundancy scores are all derived from these arrays.
 """
@@ -46,37 +47,3 @@ class Trace:
         fields_ = {k: data[k] for k in data.files}
         fields_["remasked"] = [tuple(map(int, r)) for r in fields_["remasked"]]
         return cls(**fields_)
-
-
-class TraceRecorder:
-    """Collects per-step rows for each sequence of a batch and builds `Trace`s at the end."""
-
-    def __init__(self, batch_size: int):
-        self.rows: list[list[dict]] = [[] for _ in range(batch_size)]
-        self.remasked: list[list[tuple[int, int]]] = [[] for _ in range(batch_size)]
-
-    def grow(self, n: int) -> None:
-        """Room for `n` more sequences (they joined the decode)."""
-        self.rows += [[] for _ in range(n)]
-        self.remasked += [[] for _ in range(n)]
-
-    def record(self, row: int, **arrays) -> None:
-        self.rows[row].append(arrays)
-
-    def build(self, row: int, commit_step: np.ndarray) -> Trace:
-        steps = self.rows[row]
-
-        def stack(key, dtype):
-            return np.stack([s[key] for s in steps]).astype(dtype)
-
-        return Trace(
-            top1=stack("top1", np.int64),
-            confidence=stack("confidence", np.float32),
-            margin=stack("margin", np.float32),
-            entropy=stack("entropy", np.float32),
-            masked_before=stack("masked_before", bool),
-            tokens_after=stack("tokens_after", np.int64),
-            block=np.array([s["block"] for s in steps], dtype=np.int64),
-            commit_step=commit_step.astype(np.int64),
-            remasked=list(self.remasked[row]),
-        )

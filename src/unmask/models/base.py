@@ -8,6 +8,12 @@ all sit behind it, so the decode loop never knows which one it drives.
 Shifted models (Dream predicts token i from the hidden state at i-1) are unshifted here: callers
 always get "logits for position i".
 
+Projection: a decode reads the logits of few positions (the current block of each canvas), so the
+interface splits a call in two: `features(...)` runs the network and keeps its output only at the
+positions asked for, and `head(features)` projects them to the vocabulary. The native networks'
+features are hidden states (`body` and `head`), so nothing vocabulary-sized is computed for a
+position nobody reads; any other network's features are its logits.
+
 Caching: `logits(..., cache=...)` is the hook the KV cache uses. A cache object owns per-layer keys
 and values; native attention layers read and write it (see `unmask.models.cache`). Models that
 cannot cache report `supports_cache = False` and the loop falls back to full forwards.
@@ -75,6 +81,75 @@ class DiffusionLM:
         """Positions that ignore left padding, so a padded row sees the positions it has alone."""
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
+    @property
+    def has_head(self) -> bool:
+        """Whether the network has a separate `head` (hidden states -> logits; its forward takes `keep`
+        and `project=False`): the native networks do, so a decode projects to the vocabulary only
+        the positions it reads."""
+        return callable(getattr(self.network, "head", None))
+
+    def _sources(self, at: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """The canvas positions whose outputs predict `at` (rows, q): `at` itself, or for a shifted
+        model the position before it, except at a row's first real position (position 0), which
+        keeps its own output as it does when the row is decoded alone."""
+        if not self.shifted:
+            return at
+        first = position_ids.gather(1, at) == 0
+        return torch.where(first, at, (at - 1).clamp(min=0))
+
+    def features(
+        self,
+        input_ids: torch.Tensor,  # (batch, seq)
+        attention_mask: torch.Tensor | None = None,  # (batch, seq) bool, False on padding
+        position_ids: torch.Tensor | None = None,
+        cache: Any = None,
+        at: torch.Tensor | None = None,  # (batch, q) positions whose predictions are wanted (default: all)
+    ) -> torch.Tensor:
+        """What `head` turns into the logits predicting `at` (batch, q, F), already unshifted.
+
+        For a native network these are its final (normed) hidden states, F = its width, computed for
+        every position (attention needs them) but kept only at `at`; for any other network they are
+        its logits at `at`, F = the vocabulary, and `head` only casts them.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        if position_ids is None:
+            position_ids = self.position_ids(attention_mask)
+        if at is None:
+            at = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+        source = self._sources(at, position_ids)
+        if self.has_head:
+            return self.network(input_ids, position_ids=position_ids, key_mask=attention_mask, cache=cache,
+                                keep=source, project=False)
+        out = self.network(input_ids, position_ids=position_ids, key_mask=attention_mask, cache=cache)
+        return out.gather(1, source[..., None].expand(-1, -1, out.shape[-1]))
+
+    def features_at(
+        self,
+        input_ids: torch.Tensor,  # (rows, seq) whole canvases
+        position_ids: torch.Tensor,  # (rows, seq)
+        query_pos: torch.Tensor,  # (rows, q) canvas positions whose predictions are wanted
+        cache: Any,
+        read_only: bool = False,
+        rows: torch.Tensor | None = None,  # sequence of each row in the cache
+    ) -> torch.Tensor:
+        """`features` at `query_pos` only (rows, q, F), computing only those queries over the cached
+        keys and values. For a shifted model the queries are the positions before `query_pos`
+        (their hidden states predict `query_pos`), so the caller never deals with the shift."""
+        source = (query_pos - 1).clamp(min=0) if self.shifted else query_pos
+        cache.partial(rows if rows is not None else torch.arange(input_ids.shape[0], device=input_ids.device), source, read_only)
+        tokens = input_ids.gather(1, source)
+        positions = position_ids.gather(1, source)
+        if self.has_head:
+            return self.network(tokens, position_ids=positions, key_mask=None, cache=cache, project=False)
+        return self.network(tokens, position_ids=positions, key_mask=None, cache=cache)
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits (..., vocab) from `features` (..., F), in the network's output dtype."""
+        if self.has_head:
+            return self.network.head(features)
+        return features
+
     def logits(
         self,
         input_ids: torch.Tensor,  # (batch, seq)
@@ -83,17 +158,7 @@ class DiffusionLM:
         cache: Any = None,
     ) -> torch.Tensor:
         """Logits for every position (batch, seq, vocab), already unshifted for shifted models."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        if position_ids is None:
-            position_ids = self.position_ids(attention_mask)
-        out = self.network(input_ids, position_ids=position_ids, key_mask=attention_mask, cache=cache)
-        if self.shifted:
-            # position i is predicted from hidden state i-1; a row's first real position (position 0,
-            # after any left padding) keeps its own row, as it does when the row is decoded alone
-            shifted = torch.cat([out[:, :1], out[:, :-1]], dim=1)
-            out = torch.where((position_ids == 0)[..., None], out, shifted)
-        return out
+        return self.head(self.features(input_ids, attention_mask, position_ids, cache))
 
     def logits_at(
         self,
@@ -104,13 +169,6 @@ class DiffusionLM:
         read_only: bool = False,
         rows: torch.Tensor | None = None,  # sequence of each row in the cache
     ) -> torch.Tensor:
-        """Logits (rows, q, vocab) at `query_pos` only, attending over the cached keys and values.
-
-        For a shifted model the queries are the positions before `query_pos` (their hidden states
-        predict `query_pos`), so the caller never deals with the shift.
-        """
-        source = (query_pos - 1).clamp(min=0) if self.shifted else query_pos
-        cache.partial(rows if rows is not None else torch.arange(input_ids.shape[0], device=input_ids.device), source, read_only)
-        tokens = input_ids.gather(1, source)
-        positions = position_ids.gather(1, source)
-        return self.network(tokens, position_ids=positions, key_mask=None, cache=cache)
+        """Logits (rows, q, vocab) at `query_pos` only, attending over the cached keys and values
+        (see `features_at`)."""
+        return self.head(self.features_at(input_ids, position_ids, query_pos, cache, read_only, rows))

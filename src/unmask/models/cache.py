@@ -12,8 +12,12 @@ own keys and values recomputed and written back:
 
 Draft rows of PSD's verification (`read_only`) attend over their sequence's stored keys with their
 own fresh keys at the query positions, and write nothing back, so drafts never see each other.
-Memory is bounded by one canvas of keys and values per sequence and layer, and is released with the
-cache object when the decode ends.
+
+Memory: one canvas of keys and values per slot of the decode's row table and layer. A sequence that
+joins takes a free slot, and its first call (a block start) fills that slot's rows: a join copies
+nothing. Only growing the table (`grow`, by doubling, so rarely) or widening the canvas (a longer
+prompt or generation joined: `widen`) copies the stored layers; narrowing it when the widest
+sequences leave (`narrow`) is a view. The cache is released with the decode.
 """
 
 from __future__ import annotations
@@ -35,10 +39,10 @@ class KVCache:
         self._all_rows = False  # set by partial(): the call covers every sequence, in order
 
     def grow(self, key_mask: torch.Tensor) -> None:
-        """Room for the sequences that joined the decode: `key_mask` is the whole batch's, new rows last.
+        """More slots: `key_mask` is the whole (larger) table's, new slots last.
 
-        Their stored keys and values start empty (zeros); their first call is a full forward that
-        fills them, as for every sequence at the start of a block.
+        Their stored keys and values start empty (zeros); a slot's first call is a full forward that
+        fills it, as for every sequence at the start of a block.
         """
         n = key_mask.shape[0] - self.batch_size
         for store in (self.keys, self.values):
@@ -54,6 +58,14 @@ class KVCache:
             for layer, t in store.items():
                 pad = torch.zeros(t.shape[:2] + (delta,) + t.shape[3:], dtype=t.dtype, device=t.device)
                 store[layer] = torch.cat([t, pad] if right else [pad, t], dim=2)
+        self.key_mask = key_mask
+
+    def narrow(self, left: int, right: int, key_mask: torch.Tensor) -> None:
+        """Drop `left` padding positions on the left of every canvas and `right` on the right (the
+        sequences that needed them left); a view, no copy."""
+        for store in (self.keys, self.values):
+            for layer, t in store.items():
+                store[layer] = t[:, :, left : t.shape[2] - right]
         self.key_mask = key_mask
 
     # -- set by the loop before each call -------------------------------------------------------

@@ -157,15 +157,26 @@ class DreamNetwork(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def forward(self, input_ids, position_ids, key_mask=None, cache=None):
+    def body(self, input_ids, position_ids, key_mask=None, cache=None, keep=None):
+        """Final (normed) hidden states (batch, seq, hidden), or only at `keep` (batch, q)."""
         x = self.model.embed_tokens(input_ids)
         rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.model.layers:
             x = layer(x, rope, key_mask, cache)
-        x = self.model.norm(x)
+        if keep is not None:
+            x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
+        return self.model.norm(x)
+
+    def head(self, hidden):
+        """Raw (still shifted) logits (..., vocab_size) of hidden states from `body`."""
         if self.config.tie_word_embeddings:
-            return F.linear(x, self.model.embed_tokens.weight)
-        return self.lm_head(x)
+            return F.linear(hidden, self.model.embed_tokens.weight)
+        return self.lm_head(hidden)
+
+    def forward(self, input_ids, position_ids, key_mask=None, cache=None, keep=None, project=True):
+        """Logits, or with `project=False` the hidden states `head` projects (`body`, only at `keep`)."""
+        hidden = self.body(input_ids, position_ids, key_mask, cache, keep)
+        return self.head(hidden) if project else hidden
 
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
         """Random initialisation for training from scratch and for test checkpoints.

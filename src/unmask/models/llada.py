@@ -190,17 +190,29 @@ class LLaDANetwork(nn.Module):
         self.model = nn.Module()
         self.model.transformer = transformer
 
-    def forward(self, input_ids, position_ids, key_mask=None, cache=None):
+    def body(self, input_ids, position_ids, key_mask=None, cache=None, keep=None):
+        """Final (normed) hidden states (batch, seq, d_model), or only at `keep` (batch, q)."""
         t = self.model.transformer
         x = t.wte(input_ids)
         cfg = self.config
         rope = rope_cos_sin(position_ids, cfg.d_model // cfg.n_heads, cfg.rope_theta, x.dtype)
         for block in t.blocks:
             x = block(x, rope, key_mask, cache)
-        x = t.ln_f(x)
+        if keep is not None:
+            x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
+        return t.ln_f(x)
+
+    def head(self, hidden):
+        """Logits (..., rows) of hidden states from `body`."""
+        t = self.model.transformer
         if self.config.weight_tying:
-            return F.linear(x, t.wte.weight)
-        return t.ff_out(x)
+            return F.linear(hidden, t.wte.weight)
+        return t.ff_out(hidden)
+
+    def forward(self, input_ids, position_ids, key_mask=None, cache=None, keep=None, project=True):
+        """Logits, or with `project=False` the hidden states `head` projects (`body`, only at `keep`)."""
+        hidden = self.body(input_ids, position_ids, key_mask, cache, keep)
+        return self.head(hidden) if project else hidden
 
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
         """Random initialisation for training from scratch and for test checkpoints."""

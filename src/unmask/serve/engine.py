@@ -12,20 +12,25 @@ every other waiting request that can share it, up to `max_batch_size`. With `bat
 (the default) requests share a decode when they agree on strategy, params, block length and
 cache mode, whatever their seeds, sampling temperatures, generation lengths, `max_tokens` and `stop`; `take_joiners` then lets waiting
 requests join the running decode before each model call, as soon as a slot is free (a finished
-sequence leaves the batch at once and its answer is sent), so a request waits at most one model
-call for a slot rather than a whole batch. Prompts are left padded to the longest in the decode (a
-longer joiner widens the prompt region of every row), and generations right padded to the longest
-(a joiner with a longer gen_length widens the generation region of every row; a shorter sequence
-never attends to, commits or reports its padding, and leaves after its own last block); nothing
-joins past a waiting request of another kind, or one whose prompt and generation would widen the
-canvas past the model's context (first come, first served: the decode drains and that request
-starts the next), and a decode takes in at most `max_run_rows` sequences. Each sequence has its own
-generator, counters and policy state, so a request decodes to the same tokens whatever joins or
-leaves around it. A policy that prepares per batch (the oracle) and `batching="static"` decode
-each batch to completion, requests arriving meanwhile waiting for the next one (seeds and
-temperatures must agree too; generation lengths may differ). A decode that raises fails every unfinished request of its batch with an "error" event
-(status 500 for NaN logits or a bug, with the error's text; 400 for an `UnmaskError`) and the worker
-goes on with the next batch; jobs still queued when the engine stops get a 503.
+sequence leaves the batch at once, its slot is freed and its answer is sent), so a request waits at
+most one model call for a slot rather than a whole batch, and a decode runs for as long as requests
+keep coming: its memory follows the sequences live in it, never how many it has served. Prompts are
+left padded to the longest live one and generations right padded to the longest live one (a shorter
+sequence never attends to, commits or reports its padding, and leaves after its own last block);
+nothing joins past a waiting request of another kind, or one whose prompt and generation would
+widen the canvas past the model's context (first come, first served: the decode drains and that
+request starts the next). Each sequence has its own generator, counters and policy state, so a
+request decodes to the same tokens whatever joins or leaves around it. A policy that prepares per
+batch (the oracle) and `batching="static"` decode each batch to completion, requests arriving
+meanwhile waiting for the next one (seeds and temperatures must agree too; generation lengths may
+differ).
+
+Failures answer the requests they touch and nothing else; the worker never dies. A decode that
+raises fails every unfinished request of its batch with an "error" event (status 500 for NaN logits
+or a bug, with the error's text; 400 for an `UnmaskError`) and the worker goes on with the next
+batch. A failure while building or sending one request's answer (its text, its streamed deltas, its
+final event) gives that request a 500 naming the cause and takes its sequence out of the decode;
+the others decode on. Jobs still queued when the engine stops get a 503.
 """
 
 from __future__ import annotations
@@ -68,7 +73,6 @@ class EngineConfig:
     strategy: str = "auto"  # used when a request names none; "auto": see `serving_default`
     cache: str = "none"
     batching: str = "continuous"  # "continuous": requests join a running decode; "static": whole batches
-    max_run_rows: int | None = None  # sequences one continuous decode takes in (default 16 x max_batch_size)
 
 
 @dataclass
@@ -275,8 +279,11 @@ class Engine:
         # tokenizers may refuse concurrent use ("Already borrowed"), so calls take turns
         self._tokenizer_lock = threading.Lock()
         self.running = 0  # jobs in the current decode
+        # batches: decodes started; batched_jobs: jobs they took in (joiners included); steps: model
+        # calls of every decode (one per step); step_rows: sequences in them, so mean_batch is the
+        # mean number of sequences per model call
         self.stats = {"submitted": 0, "rejected": 0, "completed": 0, "cancelled": 0, "failed": 0,
-                      "batches": 0, "batched_jobs": 0, "max_batch": 0}
+                      "batches": 0, "batched_jobs": 0, "max_batch": 0, "steps": 0, "step_rows": 0}
 
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -303,11 +310,11 @@ class Engine:
         return len(self._queue)
 
     def health(self) -> dict[str, Any]:
-        batches = self.stats["batches"]
+        steps = self.stats["steps"]
         return {"alive": self.alive, "waiting": self.waiting, "running": self.running,
                 "batching": self.config.batching, "default_strategy": self.config.strategy,
                 "max_batch_size": self.config.max_batch_size, "max_queue": self.config.max_queue,
-                "mean_batch": round(self.stats["batched_jobs"] / batches, 3) if batches else 0.0, **self.stats}
+                "mean_batch": round(self.stats["step_rows"] / steps, 3) if steps else 0.0, **self.stats}
 
     # --- requests --------------------------------------------------------------------------------
     def prepare(self, request: GenerationRequest) -> Job:
@@ -431,10 +438,13 @@ class Engine:
                 batch = take_batch(self._queue, self.config.max_batch_size, dropped, self.model.max_length)
                 self.running = len(batch)
                 self.stats["cancelled"] += len(dropped)  # their clients left while they waited
-            for job in dropped:
-                self._emit(job, Event("cancelled"))
-            if batch:
-                self._decode(batch)
+            try:
+                for job in dropped:
+                    self._emit(job, Event("cancelled"))
+                if batch:
+                    self._decode(batch)
+            except Exception:  # a bug outside every guard below: log it and serve the next batch
+                log.exception("the engine's worker hit an unexpected error; it goes on")
             self.running = 0
         for job in leftover:
             self._emit(job, Event("error", status=503, message="the server is shutting down; retry later"))
@@ -442,7 +452,7 @@ class Engine:
     def _decode(self, first: list[Job]) -> None:
         """One decode of `first`. Continuous jobs: waiting jobs join before each model call and each
         answer is sent as soon as its sequence leaves; static: the batch runs to completion and the
-        answers are sent together at the end."""
+        answers are sent together at the end. Jobs are held by sequence only while they decode."""
         from unmask.decoding.config import DecodeConfig
         from unmask.decoding.loop import Decoder
         from unmask.decoding.registry import build_policy
@@ -450,67 +460,88 @@ class Engine:
         key = first[0].key
         cfg = self.config
         continuous = first[0].continuous
-        limit = cfg.max_run_rows or 16 * cfg.max_batch_size
-        jobs: list[Job] = list(first)  # by row of the decode
-        joined_at = [time.perf_counter()] * len(jobs)
-        left: set[int] = set()
-        finished: list[tuple[int, Any]] = []  # static: (row, result), answered when the batch ends
+        live: dict[int, tuple[Job, float]] = {}  # sequence -> (job, when it joined)
+        taken = [0]
+
+        def enter(jobs: list[Job]) -> None:
+            now = time.perf_counter()
+            for job in jobs:
+                live[taken[0]] = (job, now)
+                taken[0] += 1
+            self.running = len(live)
+
+        enter(first)
+        finished: list[tuple[int, Any]] = []  # static: (sequence, result), answered when the batch ends
         self.stats["batches"] += 1
-        self._count_batch(len(jobs))
+        self._count_batch(len(first))
 
         def admit(width: int, rows: int) -> list[tuple[list[int], int, float, int]]:
-            slots = min(cfg.max_batch_size - (rows - len(left)), limit - rows)
+            slots = cfg.max_batch_size - len(live)
             if slots <= 0:
                 return []
             dropped: list[Job] = []
             with self._cond:
                 if self._stopping:
                     return []
-                joiners = take_joiners(self._queue, jobs[0], slots, dropped, jobs, self.model.max_length)
+                running = [job for job, _ in live.values()]
+                joiners = take_joiners(self._queue, first[0], slots, dropped, running, self.model.max_length)
                 self.stats["cancelled"] += len(dropped)
             for job in dropped:
                 self._emit(job, Event("cancelled"))
-            now = time.perf_counter()
-            jobs.extend(joiners)
-            joined_at.extend([now] * len(joiners))
-            self.running = len(jobs) - len(left)
-            self._count_batch(self.running, joined=len(joiners))
+            enter(joiners)
+            self._count_batch(len(live), joined=len(joiners))
             return [(job.prompt_ids, job.key.seed, _temperature(job), job.key.gen_length) for job in joiners]
 
-        def on_block(row: int, block_index: int, tokens: list[int]) -> None:
-            delta = jobs[row].tracker.update(tokens)
+        def on_block(seq: int, block_index: int, tokens: list[int]) -> None:
+            job = live[seq][0]
+            delta = job.tracker.update(tokens)
             if delta:
-                self._emit(jobs[row], Event("delta", text=delta))
+                self._emit(job, Event("delta", text=delta))
 
-        def cancelled(row: int) -> bool:
+        def cancelled(seq: int) -> bool:
             # a client that left, or an answer that can no longer change: the row leaves the batch
-            return jobs[row].cancelled or jobs[row].tracker.done
+            job = live[seq][0]
+            return job.cancelled or job.tracker.done
 
-        def on_finish(row: int, seq) -> None:
-            left.add(row)
+        def on_finish(seq: int, result) -> None:
             if not continuous:
-                finished.append((row, seq))
+                finished.append((seq, result))
                 return
-            self.running = len(jobs) - len(left)
-            self._complete(jobs[row], seq, joined_at[row], len(jobs) - len(left) + 1)
+            job, joined = live[seq]
+            self._complete(job, result, joined, len(live))
+            del live[seq]  # answered: the job is no longer held
+            self.running = len(live)
+
+        def on_error(seq: int, exc: Exception) -> None:
+            job, _ = live.pop(seq)
+            self.running = len(live)
+            self._fail_one(job, exc)
+
+        def progress(step: int) -> None:
+            self.stats["steps"] += 1
+            self.stats["step_rows"] += decoder.step_rows
 
         try:
-            policy = build_policy(key.strategy, jobs[0].params)
-            lengths = [job.key.gen_length for job in jobs]
+            policy = build_policy(key.strategy, first[0].params)
+            lengths = [job.key.gen_length for job in first]
             canvas = max(lengths)  # a joiner with a longer generation widens it
             config = DecodeConfig(gen_length=canvas, block_length=canvas if key.whole_generation else key.block_length,
                                   cache=key.cache, seed=key.seed).resolved(self.model.defaults)
-            policy.prepare(self.model, [job.prompt_ids for job in jobs], config, gen_lengths=lengths)
-            Decoder(self.model, policy, config, on_block=on_block, cancelled=cancelled).run(
-                [job.prompt_ids for job in jobs], seeds=[job.key.seed for job in jobs],
-                temperatures=[_temperature(job) for job in jobs], admit=admit if continuous else None,
-                on_finish=on_finish, gen_lengths=lengths)
+            policy.prepare(self.model, [job.prompt_ids for job in first], config, gen_lengths=lengths)
+            decoder = Decoder(self.model, policy, config, on_block=on_block, cancelled=cancelled, progress=progress)
+            decoder.run(
+                [job.prompt_ids for job in first], seeds=[job.key.seed for job in first],
+                temperatures=[_temperature(job) for job in first], admit=admit if continuous else None,
+                on_finish=on_finish, gen_lengths=lengths, on_error=on_error, keep_results=False)
         except Exception as exc:
-            unfinished = [row for row in range(len(jobs)) if row not in left or not continuous]
-            self._fail([jobs[row] for row in unfinished], exc, rows=unfinished)
-            return
-        for row, seq in sorted(finished):
-            self._complete(jobs[row], seq, joined_at[row], len(jobs))
+            answered = {seq for seq, _ in finished}
+            unfinished = sorted(seq for seq in live if seq not in answered)
+            self._fail([live[seq][0] for seq in unfinished], exc, rows=unfinished)
+            if continuous:
+                return
+        for seq, result in sorted(finished):
+            job, joined = live[seq]
+            self._complete_guarded(job, result, joined, len(first))
 
     def _count_batch(self, size: int, joined: int | None = None) -> None:
         self.stats["batched_jobs"] += size if joined is None else joined
@@ -542,6 +573,20 @@ class Engine:
             for job in batch:
                 self.stats["failed"] += 1
                 self._emit(job, Event("error", status=500, message=message))
+
+    def _fail_one(self, job: Job, exc: Exception) -> None:
+        """A failure while building or sending `job`'s answer: that request alone gets a 500."""
+        log.error("answering job %s failed", job.id, exc_info=exc)
+        detail = " ".join(str(exc).split())[:300]
+        self.stats["failed"] += 1
+        self._emit(job, Event("error", status=500, message=f"internal error while building this request's answer: "
+                                                           f"{type(exc).__name__}" + (f": {detail}" if detail else "")))
+
+    def _complete_guarded(self, job: Job, seq, started: float, batch_size: int) -> None:
+        try:
+            self._complete(job, seq, started, batch_size)
+        except Exception as exc:  # one answer's failure must not lose the others
+            self._fail_one(job, exc)
 
     def _complete(self, job: Job, seq, started: float, batch_size: int) -> None:
         """Send a finished sequence's answer (or its cancellation) to its job."""

@@ -44,7 +44,8 @@ class StepView:
     decisions depend on the generation length reads those, so a sequence decides as it does alone.
     A sequence never sees a position past its own generation, except that a `whole_generation`
     policy's block (the whole canvas) ends, for a shorter sequence, in padding slots that are never
-    masked and never committed. `gen_top1` holds the mask token past a sequence's own generation.
+    masked and never committed. A view holds the current block only: nothing in it is sized by the
+    generation, so a step's memory does not grow with the generation length.
     """
 
     rows: torch.Tensor  # (batch,) indices of these sequences in the whole decode batch
@@ -62,7 +63,6 @@ class StepView:
     prev_confidence: torch.Tensor  # (batch, block) confidence of the top1 at the previous call (nan if none)
     block_step: torch.Tensor  # (batch,) calls already made in this block before this one
     step: int  # calls made in this decode before this one
-    gen_top1: torch.Tensor  # (batch, gen) argmax over the whole generation region
     block_length: int  # the width of the block tensors
     gen_length: int  # the canvas: the longest generation in the decode
     num_blocks: int  # the canvas's blocks
@@ -98,7 +98,7 @@ class StepView:
         device = self.top1.device
         out = torch.ones(self.batch, self.block_length, device=device)
         for j, (g, width) in enumerate(zip(self.generators, self.row_block_length.tolist())):
-            out[j, :width] = torch.rand(width, generator=g).to(device)
+            out[j, :width] = torch.rand(width, generator=g, device=g.device).to(device)
         return out
 
 

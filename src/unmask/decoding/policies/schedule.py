@@ -149,13 +149,13 @@ def sample_positions(score: torch.Tensor, allowed: torch.Tensor, k: torch.Tensor
     commits something (k > 0), so a sequence samples the same positions alone or in any batch.
     """
     b, width = score.shape
-    keys = torch.full((b, width), float("-inf"), dtype=torch.float64)
+    keys = torch.full((b, width), float("-inf"), dtype=torch.float64, device=score.device)
     for row in range(b):
         if int(k[row]) > 0:
-            u = torch.rand(width, generator=generators[row], dtype=torch.float64)
-            gumbel = -torch.log(-torch.log(u.clamp(min=1e-20)))
-            keys[row] = score[row].detach().double().cpu() / alg_temp + gumbel
-    return top_k_mask(keys.to(score.device), allowed, k)
+            u = torch.rand(width, generator=generators[row], dtype=torch.float64, device=generators[row].device)
+            gumbel = -torch.log(-torch.log(u.clamp(min=1e-20))).to(score.device)
+            keys[row] = score[row].detach().double() / alg_temp + gumbel
+    return top_k_mask(keys, allowed, k)
 
 
 class ScheduledPolicy(Policy):
