@@ -33,16 +33,12 @@ from unmask.errors import NonFiniteLogitsError
 
 @dataclass
 class Said:
-    """What one canvas's call said that the next step of its sequence reuses (a verification's
-    accepted canvas is that step's forward): features of its block, and the top-1 (with the trace's
-    statistics) at the other generation positions it computed."""
+    """What a verification's accepted canvas said, which its sequence's next step reuses instead of
+    calling the model: its features at the generation positions the call computed (the whole
+    generation without a cache, the block with one)."""
 
-    block: torch.Tensor  # (block, F)
-    where: torch.Tensor  # (q,) generation positions outside the block
-    stats: dict[str, torch.Tensor]  # (q,) each: "feat" (q, F) kept to project later, or top1 (and the trace's statistics)
-
-    def remember(self, calls: "ModelCalls", slot: int) -> None:
-        calls.remember(torch.full_like(self.where, slot), self.where, self.stats)
+    where: torch.Tensor  # (q,) generation positions
+    features: torch.Tensor  # (q, F)
 
 
 class ModelCalls:

@@ -225,17 +225,15 @@ class Decoder:
     def _block_logits(self, idx: torch.Tensor, block_pos: torch.Tensor) -> torch.Tensor:
         """The current block's logits (b, block, V) for this step: from what a verification's accepted
         canvas said, or from a model call (a cached sequence's block start refreshes its cache). The
-        call's other generation positions update the sequences' last-known predictions."""
+        other generation positions a call computed update the sequences' last-known predictions."""
         table, calls = self.table, self.calls
-        features: list[torch.Tensor | None] = [None] * idx.shape[0]
-        todo = []
-        for j, slot in enumerate(idx.tolist()):
-            said = self.pending.pop(slot, None)
-            if said is None:
-                todo.append(j)
-            else:
-                said.remember(calls, slot)
-                features[j] = said.block
+        outputs = []  # (rows of idx, generation positions, features there)
+        reused = [j for j, slot in enumerate(idx.tolist()) if slot in self.pending]
+        if reused:
+            said = [self.pending.pop(int(idx[j])) for j in reused]
+            outputs.append((torch.tensor(reused, device=idx.device), torch.stack([s.where for s in said]),
+                            torch.stack([s.features for s in said])))
+        todo = [j for j in range(idx.shape[0]) if j not in set(reused)]
         if todo:
             todo_t = torch.tensor(todo, device=idx.device)
             groups = [(todo_t, False)]
@@ -243,20 +241,21 @@ class Decoder:
                 refresh = table.block_step[idx[todo_t]] == 0
                 groups = [(todo_t[refresh], False), (todo_t[~refresh], True)]
             for sel, partial in groups:
-                if sel.numel() == 0:
-                    continue
-                slots = idx[sel]
-                where = self._where(slots, block_pos[sel], partial)
-                out = calls.forward(slots, where, partial=partial)  # (n, q, F)
-                lookup = torch.full((slots.shape[0], table.gen), -1, dtype=torch.long, device=idx.device)
-                lookup.scatter_(1, where, torch.arange(where.shape[1], device=idx.device).expand_as(where))
-                pick = lookup.gather(1, block_pos[sel])
-                block_out = out[torch.arange(slots.shape[0], device=idx.device)[:, None], pick]
-                calls.remember(*calls.outside(slots, where, out, block_pos[sel]))
-                for n, j in enumerate(sel.tolist()):
-                    features[j] = block_out[n]
+                if sel.numel():
+                    where = self._where(idx[sel], block_pos[sel], partial)
+                    outputs.append((sel, where, calls.forward(idx[sel], where, partial=partial)))
+        features = None
+        for sel, where, out in outputs:
+            slots = idx[sel]
+            # the block's place in what was computed, and the rest kept as the last-known predictions
+            pick = (where[:, :, None] == block_pos[sel][:, None, :]).long().argmax(1)  # (n, block)
+            block_out = out[torch.arange(slots.shape[0], device=idx.device)[:, None], pick]
+            calls.remember(*calls.outside(slots, where, out, block_pos[sel]))
+            if features is None:
+                features = block_out.new_empty((idx.shape[0],) + tuple(block_out.shape[1:]))
+            features[sel] = block_out
         read = block_pos < table.row_gen[idx][:, None]  # a whole-generation block ends in padding
-        logits = calls.logits(torch.stack(features), idx, read)
+        logits = calls.logits(features, idx, read)
         calls.check()
         return logits
 

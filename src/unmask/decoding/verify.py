@@ -8,9 +8,10 @@ needs no call of its own.
 
 The drafts are read only through their top-1 and its probability at the block's positions, so
 those are computed a chunk at a time and no draft's logits are kept; the accepted canvas keeps its
-block's features (the next step's logits are projected from them) and, without a cache, the top-1
-of its other generation positions (the stop rule's predictions). With a cache, draft rows compute
-their block only, over their sequence's cached keys, and write nothing back.
+features (the next step treats them as its own call's output: its block's logits are projected
+from them, and without a cache its other positions become the last-known predictions, even when
+that next step starts a new block). With a cache, draft rows compute their block only, over their
+sequence's cached keys, and write nothing back.
 """
 
 from __future__ import annotations
@@ -74,17 +75,7 @@ def verify(calls: ModelCalls, policy: Policy, view: StepView, state, drafts: tor
     depth = torch.minimum(depth, built)
     accepted = candidates[torch.arange(b, device=device), depth]
     chosen = starts + depth[verified]  # the accepted canvas of each verified sequence
-    said: dict[int, Said] = {}
-    if cached:
-        for n, j in enumerate(verified.tolist()):
-            said[int(idx[j])] = Said(block=block_features[chosen[n]], where=block_pos.new_empty(0),
-                                     stats={"top1": block_pos.new_empty(0)})
-    else:
-        rows = idx[verified]
-        owners, positions, outside = calls.outside(rows, where[chosen], features[chosen], block_pos[verified])
-        calls.check(verifying=True)
-        for n, j in enumerate(verified.tolist()):
-            mine = owners == rows[n]
-            said[int(idx[j])] = Said(block=block_features[chosen[n]], where=positions[mine],
-                                     stats={k: v[mine] for k, v in outside.items()})
+    # copies, so that the draft canvases' features are freed now
+    said = {int(idx[j]): Said(where=where[chosen[n]].clone(), features=features[chosen[n]].clone())
+            for n, j in enumerate(verified.tolist())}
     return accepted, said, events
