@@ -30,7 +30,21 @@ def test_generate_prints_text_then_one_summary_line(tiny_checkpoint, capsys):
     assert summary.startswith("[threshold] NFE ") and "TPF" in summary and "tokens/s" in summary
     nfe = int(summary.split("NFE ")[1].split()[0])
     tpf = float(summary.split("TPF ")[1].split()[0])
-    assert 1 <= nfe <= 16 and tpf == pytest.approx(16 / nfe, abs=0.01)
+    from unmask.decoding import generate
+    from unmask.models import load_model
+
+    direct = generate(load_model(tiny_checkpoint), ["what is 3 plus 4 ?"], "threshold:tau=0.5", gen_length=16,
+                      block_length=8).sequences[0]
+    assert lines[0] == direct.text and nfe == direct.nfe and tpf == pytest.approx(direct.tpf, abs=0.01)
+
+
+def test_one_shot_decodes_any_gen_length_it_has_no_blocks(tiny_checkpoint, capsys):
+    # the default block length (8 on the tiny checkpoint) does not divide 20; one_shot has no blocks
+    assert main(["generate", "hi", "--model", tiny_checkpoint, "--strategy", "one_shot", "--gen-length", "20"]) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary.startswith("[one_shot] NFE 1 | TPF 20.00 ")
+    assert main(["generate", "hi", "--model", tiny_checkpoint, "--strategy", "threshold", "--gen-length", "20"]) == 2
+    assert "does not divide gen_length 20" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -80,3 +80,40 @@ def test_a_changed_top1_restarts_the_streak(scripted):
     streaks_of_position_1 = [stable[1] for _, stable in spy.seen]
     assert streaks_of_position_1 == [1, 1, 2, 3]
     assert [stable[3] for _, stable in spy.seen] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+def test_every_call_recomputes_the_whole_block_so_every_streak_step_is_earned(cache):
+    # the streak counts calls that recomputed a position; the loop extends it at every block
+    # position because every call (full, prefix or dual) computes the whole current block. Record
+    # what each call computed and check that: a cached call that left a block position out would
+    # extend a streak it did not earn, and fails here
+    model = tiny_llada(gen_length=16, block_length=4)
+    computed = []
+    features, features_at = model.features, model.features_at
+
+    def full(*args, at=None, **kwargs):
+        computed.append(set(at[0].tolist()))
+        return features(*args, at=at, **kwargs)
+
+    def partial(input_ids, position_ids, query_pos, *args, **kwargs):
+        computed.append(set(query_pos[0].tolist()))
+        return features_at(input_ids, position_ids, query_pos, *args, **kwargs)
+
+    model.features, model.features_at = full, partial
+    spy = Spy()
+    positions = []
+    original = spy.decide
+
+    def decide(view, state):
+        positions.append(set(view.positions[0].tolist()))
+        return original(view, state)
+
+    spy.decide = decide
+    result = generate(model, ["hello there"], spy, cache=cache, early_stop=False)
+    prompt = len(result.sequences[0].prompt_ids)
+    assert len(computed) == len(positions) == result.sequences[0].nfe == 16
+    for call, block in zip(computed, positions):
+        assert {p + prompt for p in block} <= call
+    # and the streak follows the rule: 1 at a block's first call, +1 while the top-1 holds
+    assert [b for b, _ in spy.seen] == [0, 1, 2, 3] * 4

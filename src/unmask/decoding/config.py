@@ -25,9 +25,13 @@ class DecodeConfig:
     cache: str = "none"
     max_steps_per_block: int | None = None  # safety bound for remasking policies (default 4 x block)
 
-    def resolved(self, defaults) -> "DecodeConfig":
+    def resolved(self, defaults, whole_generation: bool = False) -> "DecodeConfig":
+        """The settings with the model's defaults filled in, validated. `whole_generation`: the policy
+        has no blocks (one_shot), so its block is the generation, whatever block length was given."""
         gen = self.gen_length if self.gen_length is not None else defaults.gen_length
         block = self.block_length if self.block_length is not None else min(defaults.block_length, gen)
+        if whole_generation and isinstance(gen, int):
+            block = gen
         out = DecodeConfig(**{**self.__dict__, "gen_length": gen, "block_length": block})
         out.validate()
         return out

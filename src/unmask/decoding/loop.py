@@ -109,7 +109,8 @@ class Decoder:
         attention, never committed, never reported, and its decode ends after its own last block, so
         it decodes to the tokens (and NFE) it gets alone. Continuous batching: `admit(width,
         taken)` is called before every model call after the first (`width`: the prompt region's;
-        `taken`: sequences taken in so far) and returns the sequences that join now, as (prompt ids,
+        `taken`: sequences taken in so far; also when every sequence has left, so that the decode
+        ends only when none is live and none joins) and returns the sequences that join now, as (prompt ids,
         seed), (prompt ids, seed, temperature) or (prompt ids, seed, temperature, gen_length); each
         takes a free slot of the row table with its own canvas row, generator, counters and policy
         state, so it decodes to the same tokens as it would alone, and a sequence that leaves frees
@@ -138,9 +139,11 @@ class Decoder:
         start = time.perf_counter()
         self.table.add(joiners, width or 0)
         step = 0
-        while bool(self.table.active.any()):
-            if admit is not None and step > 0:
+        while True:
+            if admit is not None and step > 0:  # before every call after the first, even with none live
                 self._admit(admit)
+            if not bool(self.table.active.any()):
+                break
             self._step(step)
             step += 1
             if self.progress is not None:
@@ -509,7 +512,8 @@ def generate(
             raise UnmaskError(f"{len(gen_lengths)} gen_lengths for {len(prompts)} prompts", field="gen_length")
         if gen_lengths:
             overrides["gen_length"] = max(gen_lengths)
-    config = DecodeConfig(**{**(config.__dict__ if config else {}), **overrides}).resolved(model.defaults)
+    config = DecodeConfig(**{**(config.__dict__ if config else {}), **overrides}).resolved(
+        model.defaults, whole_generation=policy.whole_generation)
     if not prompts:
         raise UnmaskError("no prompts given; pass at least one prompt")
     prompt_ids = encode_prompts(model, prompts, chat=chat)

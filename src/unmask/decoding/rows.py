@@ -274,10 +274,8 @@ class RowTable:
     def _narrow(self) -> None:
         """Drop the padding no live sequence needs any more (views, no copy)."""
         live = [s for s, q in enumerate(self.seq) if q is not None]
-        if not live:
-            return
-        left = self.prompt_len - max(len(self.prompts[s]) for s in live)
-        right = self.gen - int(self.row_gen[live].max())
+        left = self.prompt_len - max([len(self.prompts[s]) for s in live], default=0)
+        right = self.gen - max([int(self.row_gen[s]) for s in live], default=0)
         if left <= 0 and right <= 0:
             return
         end = self.canvas.shape[1] - right

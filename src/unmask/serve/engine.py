@@ -152,6 +152,7 @@ class Job:
     submitted_at: float = 0.0
     id: int = 0
     continuous: bool = False  # it may share a decode with other seeds and join a running one
+    answered: bool = False  # its last event (done, error, cancelled) was sent
 
     def cancel(self) -> None:
         """The client went away: drop the job from the queue, or its sequence from the running decode."""
@@ -275,6 +276,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._ids = itertools.count(1)
+        self._in_flight: list[Job] = []  # jobs of the running decode (answered or not), for the worker's guard
         # one tokenizer serves the request threads (encode) and the decode thread (decode); Rust
         # tokenizers may refuse concurrent use ("Already borrowed"), so calls take turns
         self._tokenizer_lock = threading.Lock()
@@ -323,10 +325,10 @@ class Engine:
 
         model = self.model
         policy = self._policy(request)
+        # a policy without blocks decodes its whole generation as one (one batch key for any block length)
         config = DecodeConfig(gen_length=request.gen_length, block_length=request.block_length,
-                              seed=request.seed, cache=self.config.cache).resolved(model.defaults)
-        if policy.whole_generation:  # the policy ignores blocks: one batch key for any block length
-            config.block_length = config.gen_length
+                              seed=request.seed, cache=self.config.cache).resolved(model.defaults,
+                                                                                    policy.whole_generation)
         prompt_ids = self._prompt_ids(request)
         room = model.max_length - len(prompt_ids)
         if room <= 0:
@@ -438,13 +440,17 @@ class Engine:
                 batch = take_batch(self._queue, self.config.max_batch_size, dropped, self.model.max_length)
                 self.running = len(batch)
                 self.stats["cancelled"] += len(dropped)  # their clients left while they waited
+            self._in_flight = list(batch)
             try:
                 for job in dropped:
                     self._emit(job, Event("cancelled"))
                 if batch:
                     self._decode(batch)
-            except Exception:  # a bug outside every guard below: log it and serve the next batch
+            except Exception as exc:  # a bug outside every guard below: its requests get a 500, the worker goes on
                 log.exception("the engine's worker hit an unexpected error; it goes on")
+                unanswered = [job for job in self._in_flight if not job.answered]
+                self._fail(unanswered, exc)
+            self._in_flight = []
             self.running = 0
         for job in leftover:
             self._emit(job, Event("error", status=503, message="the server is shutting down; retry later"))
@@ -468,6 +474,9 @@ class Engine:
             for job in jobs:
                 live[taken[0]] = (job, now)
                 taken[0] += 1
+            held = {id(job) for job in self._in_flight}
+            self._in_flight = [job for job in self._in_flight if not job.answered] + [
+                job for job in jobs if id(job) not in held]
             self.running = len(live)
 
         enter(first)
@@ -613,6 +622,8 @@ class Engine:
     @staticmethod
     def _emit(job: Job, event: Event) -> None:
         event.index = job.index
+        if event.kind in ("done", "error", "cancelled"):
+            job.answered = True
         try:
             if job.sink is not None:
                 job.sink(event)
