@@ -589,3 +589,21 @@ def faulty_model(model: DiffusionLM, from_call: int = 1, trigger: str | None = N
     network = FaultyNetwork(model.network, from_call=from_call, trigger=trigger_id, mask_id=model.mask_id,
                             masks_at_most=masks, value=value)
     return dataclasses.replace(model, network=network)
+
+
+def decode_until_final(model: DiffusionLM, prompt, strategy: str, **kwargs):
+    """The decode a server runs for one request with no `max_tokens` and no `stop` strings: the
+    sequence leaves as soon as a finished block puts a stop token in its generation so far (its
+    answer can no longer change), written here from that rule alone. Returns its `SequenceResult`,
+    whose `nfe` is the calls the server's decode of that request takes."""
+    from unmask.decoding import generate
+
+    final: set[int] = set()
+
+    def on_block(seq: int, block: int, tokens: list[int]) -> None:
+        if any(t in model.stop_ids for t in tokens):
+            final.add(seq)
+
+    return generate(model, [prompt], strategy, on_block=on_block, cancelled=lambda seq: seq in final,
+                    **kwargs).sequences[0]
+

@@ -16,6 +16,7 @@ import torch  # noqa: E402
 from unmask.decoding import generate  # noqa: E402
 from unmask.models import load_model  # noqa: E402
 from unmask.serve import build_engine, serve_in_thread  # noqa: E402
+from unmask.testing import decode_until_final  # noqa: E402
 
 PROMPTS = ["tom has 5 apples", "hello world", "what is 3 plus 4", "print x", "how many cats", "ann has 2 pens",
            "sam", "x = 3 . y = x + 1 . print y"]
@@ -65,8 +66,11 @@ def test_concurrent_requests_with_distinct_seeds_share_a_decode_and_match_direct
                        block_length=8, cache=cache).sequences[0]
         text, stats = answers[i]
         assert text == seq.text, (i, strategy)
-        # a sequence whose answer can no longer change leaves the decode early: never more calls
-        assert 1 <= stats["nfe"] <= seq.nfe and stats["seed"] == 100 + i
+        # a sequence whose answer can no longer change leaves the decode early: exactly the calls
+        # of a direct decode that leaves by that rule
+        final = decode_until_final(model, prompt, spec, chat=False, seed=100 + i,
+                                   gen_length=GEN_LENGTHS[i % len(GEN_LENGTHS)], block_length=8, cache=cache)
+        assert stats["nfe"] == final.nfe <= seq.nfe and stats["seed"] == 100 + i
         assert stats["gen_length"] == GEN_LENGTHS[i % len(GEN_LENGTHS)]
     # eight requests with eight seeds, three temperatures and three gen_lengths, three slots: fewer
     # decodes than requests, none over 3 at once
@@ -156,7 +160,9 @@ def test_requests_of_different_gen_lengths_share_one_decode_and_match_direct_dec
                           cache=cache).sequences[0]
         done = _answer(events, i)
         assert done.text == direct.text, (strategy, cache, i)
-        assert done.stats["gen_length"] == gen_length and 1 <= done.stats["nfe"] <= direct.nfe
+        final = decode_until_final(model, prompt, spec, chat=False, seed=7 + i, gen_length=gen_length, block_length=8,
+                                   cache=cache)
+        assert done.stats["gen_length"] == gen_length and done.stats["nfe"] == final.nfe <= direct.nfe
 
 
 @pytest.mark.parametrize("strategy", ["oracle", "one_shot"])

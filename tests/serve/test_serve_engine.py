@@ -8,7 +8,7 @@ from unmask.decoding import generate
 from unmask.errors import UnmaskError
 from unmask.serve import AnswerTracker, Engine, EngineConfig, EngineStopped, GenerationRequest, QueueFull, take_batch
 from unmask.serve.engine import BatchKey, Job
-from unmask.testing import tiny_llada
+from unmask.testing import decode_until_final, tiny_llada
 
 
 def _job(key, cancelled=False):
@@ -121,7 +121,8 @@ def test_engine_batches_queued_requests_and_matches_direct_decodes(batching):
         streamed = "".join(e.text for e in events if e.kind == "delta" and e.index == i)
         assert done.text == direct.text == streamed
         assert done.usage["completion_tokens"] == direct.useful_tokens
-        assert done.stats["strategy"] == "threshold" and done.stats["nfe"] >= 1
+        final = decode_until_final(model, prompt, "threshold:tau=0.5", chat=False)
+        assert done.stats["strategy"] == "threshold" and done.stats["nfe"] == final.nfe
 
 
 def test_submit_refuses_past_the_queue_limit():

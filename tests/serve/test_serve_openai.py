@@ -11,6 +11,7 @@ import torch  # noqa: E402
 from unmask.decoding import generate  # noqa: E402
 from unmask.models import load_model  # noqa: E402
 from unmask.serve import build_engine, serve_in_thread  # noqa: E402
+from unmask.testing import decode_until_final  # noqa: E402
 
 PROMPT = "tom has 5 apples and sam has 3 apples . how many apples"
 
@@ -62,7 +63,8 @@ def test_completion_matches_a_direct_decode_and_reports_usage_and_stats(client, 
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
     stats = resp.model_extra["unmask"]
     assert stats["strategy"] == "threshold" and stats["params"]["tau"] == 0.5
-    assert stats["nfe"] >= 1 and stats["tpf"] > 0 and stats["seconds"] >= 0
+    until_final = decode_until_final(model, PROMPT, "threshold:tau=0.5", chat=False, seed=3, gen_length=32)
+    assert stats["nfe"] == until_final.nfe and stats["tpf"] == round(until_final.tpf, 4) and stats["seconds"] > 0
     assert stats["gen_length"] == 32 and stats["block_length"] == 8 and stats["seed"] == 3
 
 

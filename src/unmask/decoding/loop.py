@@ -299,8 +299,9 @@ class Decoder:
         slots = idx.tolist()
         candidate, confidence = stats["top1"].clone(), stats["top1_prob"].clone()
         sel = torch.tensor(sampled, device=idx.device)
-        candidate[sel] = gumbel_candidates(logits[sel], [temps[j] for j in sampled],
-                                           [table.generators[slots[j]] for j in sampled], [widths[j] for j in sampled])
+        candidate[sel] = gumbel_candidates(logits, [temps[j] for j in sampled],
+                                           [table.generators[slots[j]] for j in sampled], [widths[j] for j in sampled],
+                                           rows=sampled)
         for j in sampled:  # one sequence's (block, vocabulary) at a time
             log_probs = torch.log_softmax(logits[j], dim=-1)
             confidence[j] = log_probs.gather(-1, candidate[j][:, None]).squeeze(-1).exp()

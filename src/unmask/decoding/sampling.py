@@ -18,18 +18,22 @@ _PAD_GUMBEL = -math.log(-math.log(0.5))
 
 
 def gumbel_candidates(logits: torch.Tensor, temperature: list[float], generators: list[torch.Generator],
-                      widths: list[int] | None = None) -> torch.Tensor:
+                      widths: list[int] | None = None, rows: list[int] | None = None) -> torch.Tensor:
     """Argmax of logits / T plus Gumbel noise drawn from each row's own generator, T per row.
 
-    logits: (b, L, V). `widths[j]`: the positions row j draws noise for (its own block; the default
-    all L); the rest take the argmax, so a row draws the numbers it draws alone."""
-    b, length, vocab = logits.shape
-    widths = [length] * b if widths is None else widths
-    out = torch.empty((b, length), dtype=torch.long, device=logits.device)
-    for j, (g, t, width) in enumerate(zip(generators, temperature, widths)):
-        scaled = logits[j].double() / t  # (L, V)
+    logits: (b, L, V); `rows`: the rows that sample (default all), each with its temperature,
+    generator and width. `widths[j]`: the positions row j draws noise for (its own block; the
+    default all L); the rest take the argmax, so a row draws the numbers it draws alone. Returns
+    (len(rows), L)."""
+    rows = list(range(logits.shape[0])) if rows is None else rows
+    length, vocab = logits.shape[1:]
+    widths = [length] * len(rows) if widths is None else widths
+    out = torch.empty((len(rows), length), dtype=torch.long, device=logits.device)
+    for n, (j, g, t, width) in enumerate(zip(rows, generators, temperature, widths)):
+        scaled = logits[j].double() / t  # (L, V): one sequence at a time
         noise = torch.rand((width, vocab), generator=g, dtype=torch.float64, device=g.device).to(logits.device)
         scaled[:width] += -torch.log(-torch.log(noise.clamp(min=1e-20)))
+        del noise
         scaled[width:] += _PAD_GUMBEL
-        out[j] = scaled.argmax(-1)
+        out[n] = scaled.argmax(-1)
     return out
