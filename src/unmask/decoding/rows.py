@@ -323,53 +323,50 @@ class RowTable:
                     latency_s=time.perf_counter() - self.joined_at[slot])
 
 
+def _zip_state(state: Any, other: Any, leaf, verb: str) -> Any:
+    """Apply `leaf(tensor, other_tensor)` through a policy state and a state of the same structure
+    (tensors, possibly in dicts, lists or tuples; None stays None)."""
+    if state is None and other is None:
+        return None
+    if isinstance(state, torch.Tensor):
+        return leaf(state, other)
+    if isinstance(state, dict):
+        return {k: _zip_state(v, other[k], leaf, verb) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_zip_state(a, b, leaf, verb) for a, b in zip(state, other))
+    raise TypeError(f"cannot {verb} a policy state of type {type(state).__name__}")
+
+
 def reset_rows(state: Any, fresh: Any, slots: torch.Tensor) -> Any:
     """A policy's per-decode state with the rows `slots` set to `fresh` (the same structure, one
     row per slot): a new sequence in a slot starts from the policy's initial state."""
-    if state is None and fresh is None:
-        return None
-    if isinstance(state, torch.Tensor):
-        state[slots] = fresh
-        return state
-    if isinstance(state, dict):
-        return {k: reset_rows(v, fresh[k], slots) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(reset_rows(a, b, slots) for a, b in zip(state, fresh))
-    raise TypeError(f"cannot reset rows of a policy state of type {type(state).__name__}")
+
+    def leaf(t, new):
+        t[slots] = new
+        return t
+
+    return _zip_state(state, fresh, leaf, "reset rows of")
 
 
 def widen_state(state: Any, wider: Any) -> Any:
     """A policy's per-decode state on a wider canvas: `wider` is a fresh state of the same rows for
     the wider generation region; every tensor of `state` is copied into its leading corner (a tensor
     whose shape does not depend on the generation length is kept as it is)."""
-    if state is None and wider is None:
-        return None
-    if isinstance(state, torch.Tensor):
-        if state.shape == wider.shape:
-            return state
-        wider[tuple(slice(0, n) for n in state.shape)] = state
-        return wider
-    if isinstance(state, dict):
-        return {k: widen_state(v, wider[k]) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(widen_state(a, b) for a, b in zip(state, wider))
-    raise TypeError(f"cannot widen a policy state of type {type(state).__name__}")
+
+    def leaf(t, new):
+        if t.shape == new.shape:
+            return t
+        new[tuple(slice(0, n) for n in t.shape)] = t
+        return new
+
+    return _zip_state(state, wider, leaf, "widen")
 
 
 def narrow_state(state: Any, narrower: Any) -> Any:
     """A policy's per-decode state on a narrower canvas: each tensor cut to the shape of the same
     tensor in `narrower` (a fresh state for the narrower generation region); a view."""
-    if state is None and narrower is None:
-        return None
-    if isinstance(state, torch.Tensor):
-        if state.shape == narrower.shape:
-            return state
-        return state[tuple(slice(0, n) for n in narrower.shape)]
-    if isinstance(state, dict):
-        return {k: narrow_state(v, narrower[k]) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(narrow_state(a, b) for a, b in zip(state, narrower))
-    raise TypeError(f"cannot narrow a policy state of type {type(state).__name__}")
+    return _zip_state(state, narrower, lambda t, new: t if t.shape == new.shape
+                      else t[tuple(slice(0, n) for n in new.shape)], "narrow")
 
 
 def grow_state(state: Any, more: Any) -> Any:
@@ -377,12 +374,4 @@ def grow_state(state: Any, more: Any) -> Any:
 
     States are tensors indexed by sequence first, possibly in dicts, lists or tuples; None stays None.
     """
-    if state is None and more is None:
-        return None
-    if isinstance(state, torch.Tensor):
-        return torch.cat([state, more])
-    if isinstance(state, dict):
-        return {k: grow_state(v, more[k]) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(grow_state(a, b) for a, b in zip(state, more))
-    raise TypeError(f"cannot add sequences to a policy state of type {type(state).__name__}")
+    return _zip_state(state, more, lambda t, new: torch.cat([t, new]), "add sequences to")
