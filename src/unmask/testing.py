@@ -35,6 +35,7 @@ def tiny_tokenizer(
     bos: str | None = "<|startoftext|>",
     eos: str = "<|endoftext|>",
     words: tuple[str, ...] | list[str] = TINY_WORDS,
+    mask: str = "<|mdm_mask|>",
 ) -> Tokenizer:
     """A word-level tokenizer: special tokens first, then digits, roles and `words`."""
     from tokenizers import Tokenizer as RawTokenizer
@@ -57,7 +58,7 @@ def tiny_tokenizer(
         eos_token=eos,
         unk_token="<unk>",
         pad_token=eos,
-        mask_token="<|mdm_mask|>",
+        mask_token=mask,
     )
     if chat_template:
         hf.chat_template = chat_template
@@ -606,4 +607,33 @@ def decode_until_final(model: DiffusionLM, prompt, strategy: str, **kwargs):
 
     return generate(model, [prompt], strategy, on_block=on_block, cancelled=lambda seq: seq in final,
                     **kwargs).sequences[0]
+
+
+# the four block-diffusion and MoE families' special tokens and chat formats, for their tiny checkpoints
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+LING_TEMPLATE = (
+    "{% for message in messages %}{{ '<role>' + message['role'] | upper + '</role>' + message['content'] + '<|role_end|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<role>ASSISTANT</role>' }}{% endif %}"
+)
+FAMILY_TOKENS = {
+    # family: (special tokens, mask token, eos, chat template)
+    "lladamoe": (("<|endoftext|>", "<|mask|>", "<|role_end|>", "<role>", "</role>", "<unk>"), "<|mask|>",
+                 "<|endoftext|>", LING_TEMPLATE),
+    "llada2": (("<|endoftext|>", "<|mask|>", "<|role_end|>", "<role>", "</role>", "<unk>"), "<|mask|>",
+               "<|endoftext|>", LING_TEMPLATE),
+    "sdar": (("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|MASK|>", "<unk>"), "<|MASK|>", "<|endoftext|>",
+             CHATML_TEMPLATE),
+    "fastdllm_v2": (("<|endoftext|>", "<|im_start|>", "<|im_end|>", "|<MASK>|", "<unk>"), "|<MASK>|", "<|im_end|>",
+                    CHATML_TEMPLATE),
+}
+
+
+def family_tokenizer(family: str) -> Tokenizer:
+    """The tiny word-level tokenizer with `family`'s special tokens, mask token, EOS and chat format."""
+    special, mask, eos, template = FAMILY_TOKENS[family]
+    return tiny_tokenizer(special=special, chat_template=template, bos=None, eos=eos, mask=mask,
+                          words=tuple(TINY_WORDS) + ("upper", "human"))
 

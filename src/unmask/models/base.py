@@ -38,6 +38,28 @@ class DecodeDefaults:
     block_length: int = 32
 
 
+@dataclass(frozen=True)
+class BlockDiffusion:
+    """A block-diffusion family (LLaDA2.x, SDAR, Fast-dLLM v2): attention is block-causal, in blocks of
+    the decode's block length anchored at position 0 (a prompt that does not end on a block boundary
+    shares its last block with the first generated tokens), so a finished block's keys and values
+    never change and the KV cache is exact. How the family's reference code runs its blocks:
+
+    - `store_calls`: with the cache, the prompt's complete blocks are written by a call of their own
+      (prefill) and each finished block by one more call over its final tokens (SDAR's store pass,
+      Fast-dLLM v2's finalize), each one NFE; otherwise (LLaDA2) a block's first call computes the
+      previous block again with the new one, which writes its keys at no extra call.
+    - `bonus`: that call's last position predicts the next block's first token, which is committed at
+      once, greedily (Fast-dLLM v2: its logits are shifted, so the prediction for a block's first
+      position depends on finished blocks only). Needs the call with or without a cache.
+    - `stop_rule`: the family's default stop rule (see `unmask.decoding.blocks`).
+    """
+
+    store_calls: bool = False
+    bonus: bool = False
+    stop_rule: str = "block"
+
+
 @dataclass
 class DiffusionLM:
     """A masked diffusion LM behind the interface the decode loop uses.
@@ -60,6 +82,7 @@ class DiffusionLM:
     path: str | None = None
     kind: str = "llada"
     extra: dict[str, Any] = field(default_factory=dict)
+    block_diffusion: BlockDiffusion | None = None  # None: bidirectional attention (LLaDA, Dream, LLaDA-MoE)
 
     @property
     def device(self) -> torch.device:
@@ -104,6 +127,7 @@ class DiffusionLM:
         position_ids: torch.Tensor | None = None,
         cache: Any = None,
         at: torch.Tensor | None = None,  # (batch, q) positions whose predictions are wanted (default: all)
+        attn_block: int | None = None,  # a block-diffusion model's block length (its attention is block-causal)
     ) -> torch.Tensor:
         """What `head` turns into the logits predicting `at` (batch, q, F), already unshifted.
 
@@ -118,10 +142,11 @@ class DiffusionLM:
         if at is None:
             at = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
         source = self._sources(at, position_ids)
+        extra = self._block_kwargs(attn_block)
         if self.has_head:
             return self.network(input_ids, position_ids=position_ids, key_mask=attention_mask, cache=cache,
-                                keep=source, project=False)
-        out = self.network(input_ids, position_ids=position_ids, key_mask=attention_mask, cache=cache)
+                                keep=source, project=False, **extra)
+        out = self.network(input_ids, position_ids=position_ids, key_mask=attention_mask, cache=cache, **extra)
         return out.gather(1, source[..., None].expand(-1, -1, out.shape[-1]))
 
     def features_at(
@@ -132,17 +157,28 @@ class DiffusionLM:
         cache: Any,
         read_only: bool = False,
         rows: torch.Tensor | None = None,  # sequence of each row in the cache
+        attn_block: int | None = None,
+        shift: bool = True,  # False: `query_pos` are the positions to compute, whatever the model's shift
     ) -> torch.Tensor:
         """`features` at `query_pos` only (rows, q, F), computing only those queries over the cached
         keys and values. For a shifted model the queries are the positions before `query_pos`
         (their hidden states predict `query_pos`), so the caller never deals with the shift."""
-        source = (query_pos - 1).clamp(min=0) if self.shifted else query_pos
+        source = (query_pos - 1).clamp(min=0) if self.shifted and shift else query_pos
         cache.partial(rows if rows is not None else torch.arange(input_ids.shape[0], device=input_ids.device), source, read_only)
         tokens = input_ids.gather(1, source)
         positions = position_ids.gather(1, source)
+        extra = self._block_kwargs(attn_block)
         if self.has_head:
-            return self.network(tokens, position_ids=positions, key_mask=None, cache=cache, project=False)
-        return self.network(tokens, position_ids=positions, key_mask=None, cache=cache)
+            return self.network(tokens, position_ids=positions, key_mask=None, cache=cache, project=False, **extra)
+        return self.network(tokens, position_ids=positions, key_mask=None, cache=cache, **extra)
+
+    def _block_kwargs(self, attn_block: int | None) -> dict:
+        """The network's block-causal argument: only a block-diffusion network takes one."""
+        if self.block_diffusion is None:
+            return {}
+        if not attn_block:
+            raise ValueError("a block-diffusion model is called with its block length (attn_block)")
+        return {"attn_block": int(attn_block)}
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
         """Logits (..., vocab) from `features` (..., F), in the network's output dtype."""
@@ -156,9 +192,11 @@ class DiffusionLM:
         attention_mask: torch.Tensor | None = None,  # (batch, seq) bool, False on padding
         position_ids: torch.Tensor | None = None,
         cache: Any = None,
+        attn_block: int | None = None,
     ) -> torch.Tensor:
-        """Logits for every position (batch, seq, vocab), already unshifted for shifted models."""
-        return self.head(self.features(input_ids, attention_mask, position_ids, cache))
+        """Logits for every position (batch, seq, vocab), already unshifted for shifted models.
+        `attn_block`: a block-diffusion model's block length."""
+        return self.head(self.features(input_ids, attention_mask, position_ids, cache, attn_block=attn_block))
 
     def logits_at(
         self,
@@ -168,7 +206,8 @@ class DiffusionLM:
         cache: Any,
         read_only: bool = False,
         rows: torch.Tensor | None = None,  # sequence of each row in the cache
+        attn_block: int | None = None,
     ) -> torch.Tensor:
         """Logits (rows, q, vocab) at `query_pos` only, attending over the cached keys and values
         (see `features_at`)."""
-        return self.head(self.features_at(input_ids, position_ids, query_pos, cache, read_only, rows))
+        return self.head(self.features_at(input_ids, position_ids, query_pos, cache, read_only, rows, attn_block))

@@ -28,9 +28,10 @@ import torch
 class KVCache:
     """Keys and values of every canvas position, per layer, for the sequences of one decode."""
 
-    def __init__(self, batch_size: int, key_mask: torch.Tensor):
+    def __init__(self, batch_size: int, key_mask: torch.Tensor, positions: torch.Tensor | None = None):
         self.batch_size = batch_size
         self.key_mask = key_mask  # (batch, seq) bool: False on padding
+        self.positions = positions  # (batch, seq) position ids of the stored keys (block-causal models)
         self.keys: dict[int, torch.Tensor] = {}  # layer -> (batch, kv_heads, seq, head_dim)
         self.values: dict[int, torch.Tensor] = {}
         self.rows: torch.Tensor | None = None  # sequences of the current call (one per row)
@@ -79,7 +80,20 @@ class KVCache:
             (rows == torch.arange(self.batch_size, device=rows.device)).all())
         return self
 
+    def layout(self, key_mask: torch.Tensor, positions: torch.Tensor | None) -> None:
+        """The canvas changed (rows joined, or it widened or narrowed): its key mask and positions."""
+        self.key_mask, self.positions = key_mask, positions
+
     # -- called by every attention layer ---------------------------------------------------------
+    def key_positions(self, query_positions: torch.Tensor) -> torch.Tensor:
+        """Position ids of the keys the last `update` returned: the queries' own (a fill), or the
+        stored canvas of this call's rows (a partial call attends over it)."""
+        if self.query_pos is None:
+            return query_positions
+        if self.positions is None:
+            raise ValueError("a block-causal cached call needs the canvas positions (KVCache.layout)")
+        return self.positions if self._all_rows else self.positions[self.rows]
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, key_mask):
         """Merge this call's keys/values (rows, kv_heads, q, head_dim) with the stored ones."""
         rows = self.rows

@@ -6,6 +6,8 @@ from unmask.models.loading import Architecture, register_architecture
 
 def _is_llada(raw: dict) -> bool:
     archs = [a.lower() for a in raw.get("architectures") or []]
+    if any("moe" in a or "llada2" in a for a in archs) or raw.get("num_experts"):
+        return False  # LLaDA-MoE and LLaDA2 (their own modules); LLaDA-MoE's remote code says model_type "llada"
     return str(raw.get("model_type", "")).lower() == "llada" or any("llada" in a for a in archs)
 
 

@@ -36,6 +36,8 @@ class Architecture:
     shifted: bool
     matches: Callable[[dict], bool]
     special_ids: Callable[[Any, dict, Tokenizer], dict]
+    block_diffusion: Any = None  # a BlockDiffusion for block-diffusion families
+    defaults: Callable[[Any, dict], dict] | None = None  # the family's decode defaults (gen/block length)
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
@@ -176,7 +178,9 @@ def find_architecture(raw: dict) -> Architecture | None:
 
 
 def _ensure_registered() -> None:
-    # importing the modules registers their architectures
+    # importing the modules registers their architectures (the more specific ones first: a
+    # LLaDA-MoE or LLaDA2 checkpoint also names "llada" in its architectures)
+    from unmask.models import fastdllm_v2, llada2, lladamoe, sdar  # noqa: F401
     from unmask.models import dream, llada_arch  # noqa: F401
 
 
@@ -222,7 +226,8 @@ def load_model(
     network.to(dev).eval()
     tokenizer = Tokenizer.from_dir(path, trust_remote_code=trust_remote_code)
     ids = arch.special_ids(cfg, raw, tokenizer)
-    defaults = DecodeDefaults(**raw.get("unmask_defaults", {}))
+    family = arch.defaults(cfg, raw) if arch.defaults is not None else {}
+    defaults = DecodeDefaults(**{**family, **raw.get("unmask_defaults", {})})
     return DiffusionLM(
         network=network,
         tokenizer=tokenizer,
@@ -232,6 +237,7 @@ def load_model(
         supports_cache=True,
         path=str(path),
         kind=arch.name,
+        block_diffusion=arch.block_diffusion,
         **ids,
     )
 
