@@ -54,6 +54,7 @@ class ModelCalls:
         self.seconds = {"model_s": 0.0, "policy_s": 0.0}
         self._checks: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.stat_keys = ("top1",) + (TRACE_FIELDS if table.record_trace else ())
+        self.attn_block = table.attn_block  # block-diffusion models: the attention's block length
         # positions outside the block keep hidden states until read (a network with a head, no trace)
         self.lazy = model.has_head and not table.record_trace
 
@@ -87,13 +88,105 @@ class ModelCalls:
         cache = table.cache
         with self.timed("model_s"):
             if partial:
-                out = model.features_at(tokens, table.positions[owners], at, cache, read_only=read_only, rows=owners)
+                out = model.features_at(tokens, table.positions[owners], at, cache, read_only=read_only, rows=owners,
+                                        attn_block=self.attn_block)
             else:
                 fill = cache.fill(owners) if cache is not None and not read_only else None
-                out = model.features(tokens, table.attention[owners], table.positions[owners], cache=fill, at=at)
+                width = tokens.shape[1]
+                if self.attn_block is not None:  # block-causal: nothing after the furthest position asked for matters
+                    width = min(width, int(at.max()) + 1)
+                out = model.features(tokens[:, :width], table.attention[owners, :width], table.positions[owners, :width],
+                                     cache=fill, at=at, attn_block=self.attn_block)
+        self.count(slots, rows_per_seq)
+        return out
+
+    def count(self, slots: torch.Tensor, rows_per_seq=1) -> None:
+        """One NFE for each sequence of `slots`, and `rows_per_seq` rows (an int, or one per sequence)."""
         cpu = slots.cpu()
-        table.nfe[cpu] += 1
-        table.rows_count[cpu] += rows_per_seq if isinstance(rows_per_seq, int) else rows_per_seq.cpu()
+        self.table.nfe[cpu] += 1
+        self.table.rows_count[cpu] += rows_per_seq if isinstance(rows_per_seq, int) else rows_per_seq.cpu()
+
+    # --- block diffusion -----------------------------------------------------------------------
+    def block_features(self, slots: torch.Tensor, block_pos: torch.Tensor) -> torch.Tensor:
+        """The current block's features (n, block, F) of a block-diffusion model, for `slots` whose
+        blocks are `block_pos` (n, block). Attention is block-causal, so later blocks never matter:
+        without a cache one forward of the canvas up to the furthest block end; with the exact cache
+        only the positions from the first whose stored keys are not final (the finished block before
+        this one when the family computes it again here; for a shifted model the position before the
+        block, whose hidden state predicts the block's first token) to the block's end, over the
+        cached keys, writing theirs."""
+        table, model = self.table, self.model
+        if table.cache is None:
+            return self.forward(slots, block_pos, partial=False)
+        shift = int(model.shifted)
+        starts = table.prompt_len + block_pos[:, 0]
+        ends = torch.minimum(starts + block_pos.shape[1], table.prompt_len + table.row_gen[slots])
+        first = torch.minimum(table.kv_done[slots], starts - shift).clamp(min=table.prompt_start[slots])
+        out = self.compute(slots, first, ends, table.prompt_len + block_pos - shift)
+        table.kv_done[slots] = starts  # everything before the current block is final and stored
+        return out
+
+    def compute(self, slots: torch.Tensor, first: torch.Tensor, ends: torch.Tensor, sources: torch.Tensor,
+                read_only: bool = False, tokens: torch.Tensor | None = None, owners: torch.Tensor | None = None,
+                rows_per_seq=1) -> torch.Tensor:
+        """One cached call computing canvas positions [first, end) of each canvas (padded by repeating
+        the last: a duplicate query writes the same keys), returning the hidden states at `sources`
+        (canvases, q) canvas positions. One NFE for each sequence of `slots`; `tokens` may hold
+        several canvases per sequence (verification), `owners` the slot of each."""
+        table = self.table
+        owners = slots if owners is None else owners
+        tokens = table.canvas[owners] if tokens is None else tokens
+        width = int((ends - first).max())
+        computed = torch.minimum(first[:, None] + torch.arange(width, device=first.device)[None], ends[:, None] - 1)
+        with self.timed("model_s"):
+            out = self.model.features_at(tokens, table.positions[owners], computed, table.cache, read_only=read_only,
+                                         rows=owners, attn_block=self.attn_block, shift=False)
+        self.count(slots, rows_per_seq)
+        pick = (computed[:, :, None] == sources[:, None, :]).long().argmax(1)  # (canvases, q)
+        return out[torch.arange(owners.shape[0], device=owners.device)[:, None], pick]
+
+    def hidden_at(self, slots: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+        """Without a cache: one forward of the canvas up to the furthest of `sources` (n, q) canvas
+        positions, returning the hidden states there (block-causal, so nothing later matters). One
+        NFE per row."""
+        table = self.table
+        width = int(sources.max()) + 1
+        with self.timed("model_s"):
+            out = self.model.features(table.canvas[slots, :width], table.attention[slots, :width],
+                                      table.positions[slots, :width], at=sources, attn_block=self.attn_block,
+                                      shift=False)
+        self.count(slots)
+        return out
+
+    def prefill(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The call over the prompt's complete blocks (one NFE for each row that has any): with the
+        cache it writes their keys (the store-calls families' first call). Returns those rows and the
+        hidden state of the prompt's last position (n, F), which predicts the generation's first
+        token for a shifted model."""
+        table = self.table
+        rows = slots[table.prompt_start[slots] < table.prompt_len]
+        if rows.numel() == 0:
+            return rows, None
+        last = torch.full_like(rows, table.prompt_len - 1)[:, None]
+        if table.cache is None:
+            return rows, self.hidden_at(rows, last)[:, 0]
+        out = self.compute(rows, table.prompt_start[rows], torch.full_like(rows, table.prompt_len), last)[:, 0]
+        table.kv_done[rows] = table.prompt_len
+        return rows, out
+
+    def store(self, slots: torch.Tensor, block_pos: torch.Tensor) -> torch.Tensor:
+        """The call over each row's just finished block `block_pos` (n, block) with its final tokens:
+        with the cache it writes their keys (SDAR's store pass, Fast-dLLM v2's finalize). Returns the
+        hidden state of each block's last position (n, F), which predicts the next block's first
+        token for a shifted model. One NFE per row."""
+        table = self.table
+        starts = table.prompt_len + block_pos[:, 0]
+        ends = starts + block_pos.shape[1]
+        last = (ends - 1)[:, None]
+        if table.cache is None:
+            return self.hidden_at(slots, last)[:, 0]
+        out = self.compute(slots, torch.minimum(table.kv_done[slots], starts), ends, last)[:, 0]
+        table.kv_done[slots] = ends
         return out
 
     # --- projecting and checking ---------------------------------------------------------------

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from unmask.decoding.blocks import stop_rule
+from unmask.decoding.blocks import answer_stop, block_stop, stop_rule, stop_rule_of
 from unmask.decoding.calls import ModelCalls, Said
 from unmask.decoding.config import DecodeConfig
 from unmask.decoding.policies.base import Decision, Policy, StepView, most_confident
@@ -131,6 +131,8 @@ class Decoder:
             raise UnmaskError(f"model {self.model.name} does not support the KV cache; use --cache none", field="cache")
         self.table = RowTable(self.model, policy, cfg, record_trace=cfg.record_trace, use_cache=use_cache)
         self.calls = ModelCalls(self.model, self.table, cfg.cache)
+        self.blocks = self.model.block_diffusion  # None: bidirectional attention
+        self.stop = stop_rule_of(policy, self.model, cfg)
         self.pending: dict[int, Said] = {}  # slot -> what a verification's accepted canvas said
         self.results: dict[int, SequenceResult] = {}
         self.keep_results, self.on_finish, self.on_error = keep_results, on_finish, on_error
@@ -209,6 +211,8 @@ class Decoder:
         table, model = self.table, self.model
         idx = table.live()
         self.step_rows = int(idx.shape[0])  # sequences in this step's model call
+        if self.blocks is not None:
+            self._first_calls(idx)
         block_pos = (table.block_idx[idx] * table.row_block[idx])[:, None] + torch.arange(table.block_len,
                                                                                           device=idx.device)
         logits = self._block_logits(idx, block_pos)  # (b, block, V)
@@ -218,12 +222,28 @@ class Decoder:
         view = self._view(idx, block_pos, logits, stats, candidate, confidence, step)
         with self.calls.timed("policy_s"):
             decision = self.policy.decide(view, table.state)
-        new_blk, commit, remask, events = self._apply(view, decision)
-        self._write(view, new_blk, commit, remask, events)
+        new_blk, commit, remask, edit, hold, events = self._apply(view, decision)
+        self._write(view, new_blk, commit, remask, edit, events)
         if self.config.record_trace:
-            self._record(view, remask)
-        self._complete_blocks(view, new_blk)
+            self._record(view, remask, edit)
+        self._complete_blocks(view, new_blk, hold)
         self._leave_cancelled()
+
+    def _first_calls(self, idx: torch.Tensor) -> None:
+        """A block-diffusion sequence's first step: the families that write the prompt's complete
+        blocks in a call of their own do so (with the cache), and Fast-dLLM v2's prompt that ends on a
+        block boundary predicts the generation's first token there, committed at once (the bonus)."""
+        table, blocks = self.table, self.blocks
+        new = idx[table.row_step[idx.cpu()].to(idx.device) == 0]
+        if new.numel() == 0:
+            return
+        if blocks.bonus:
+            new = new[table.lead[new] == 0]  # a prompt tail shares the first block: no bonus there
+        elif not (blocks.store_calls and table.cache is not None):
+            return
+        rows, hidden = self.calls.prefill(new)
+        if blocks.bonus and hidden is not None:
+            self._bonus(rows, hidden, torch.zeros_like(rows))
 
     def _block_logits(self, idx: torch.Tensor, block_pos: torch.Tensor) -> torch.Tensor:
         """The current block's logits (b, block, V) for this step: from what a verification's accepted
@@ -237,7 +257,10 @@ class Decoder:
             outputs.append((torch.tensor(reused, device=idx.device), torch.stack([s.where for s in said]),
                             torch.stack([s.features for s in said])))
         todo = [j for j in range(idx.shape[0]) if j not in set(reused)]
-        if todo:
+        if todo and self.blocks is not None:  # block-causal: the block and nothing after it
+            todo_t = torch.tensor(todo, device=idx.device)
+            outputs.append((todo_t, block_pos[todo_t], calls.block_features(idx[todo_t], block_pos[todo_t])))
+        elif todo:
             todo_t = torch.tensor(todo, device=idx.device)
             groups = [(todo_t, False)]
             if table.cache is not None:
@@ -319,6 +342,7 @@ class Decoder:
         table.stable[rows, block_pos] = stable
         table.prev_top1[rows, block_pos] = top1
         tokens = table.gen_view[rows, block_pos]
+        fixed = block_pos < table.lead[idx][:, None]  # a block-diffusion prompt's tail in the first block
         return StepView(
             rows=idx, positions=block_pos, tokens=tokens, masked=tokens == model.mask_id, logits=logits,
             top1=top1, top1_prob=stats["top1_prob"], candidate=candidate, confidence=confidence,
@@ -327,7 +351,7 @@ class Decoder:
             block_length=table.block_len, gen_length=table.gen, num_blocks=table.gen // table.block_len,
             mask_id=model.mask_id, stop_ids=tuple(model.stop_ids),
             generators=[table.generators[s] for s in idx.tolist()],
-            row_gen_length=table.row_gen[idx], row_num_blocks=table.row_blocks[idx],
+            row_gen_length=table.row_gen[idx], row_num_blocks=table.row_blocks[idx], fixed=fixed,
         )
 
     def _apply(self, view: StepView, decision: Decision):
@@ -352,15 +376,22 @@ class Decoder:
         over = (table.block_step[view.rows] + 1 >= table.max_steps[view.rows])[:, None] & (new_blk == mask_id)
         new_blk = torch.where(over, view.candidate, new_blk)
         commit = commit | over
+        edit, hold = None, torch.zeros_like(commit[:, 0])
+        if policy.edits:  # token editing (LLaDA2.1): decided, non-prompt positions rewritten
+            if decision.edit is not None:
+                edit = decision.edit & ~masked & ~view.fixed & (write != view.tokens)
+                new_blk = torch.where(edit, write, new_blk)
+            if decision.hold is not None:  # the block stays open although no mask is left
+                hold = decision.hold & (table.block_step[view.rows] + 1 < table.max_steps[view.rows])
         events = dict(decision.events or {})
         if decision.drafts is not None and not policy.remasking:
             new_blk, said, depth_events = verify(self.calls, policy, view, table.state, decision.drafts, new_blk)
             commit = commit | (masked & (new_blk != mask_id))
             self.pending.update(said)
             events.update(depth_events)
-        return new_blk, commit, remask, events
+        return new_blk, commit, remask, edit, hold, events
 
-    def _write(self, view: StepView, new_blk, commit, remask, events) -> None:
+    def _write(self, view: StepView, new_blk, commit, remask, edit, events) -> None:
         """Write the block into the canvas and account for the step: commit steps, the previous
         confidence, the block's redundancy history, the policy's events and the step counters."""
         table, mask_id = self.table, self.model.mask_id
@@ -377,8 +408,11 @@ class Decoder:
             counts = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
             for slot, count in zip(idx.tolist(), counts):
                 table.events[slot][name] = table.events[slot].get(name, 0.0) + float(count)
+        if edit is not None:
+            events["edits"] = edit.sum(-1)
+        written = commit if edit is None else commit | edit
         own_step = table.row_step[idx.cpu()].to(idx.device)[:, None].expand_as(block_pos)
-        steps = torch.where(commit, own_step, table.commit_step[rows, block_pos])
+        steps = torch.where(written, own_step, table.commit_step[rows, block_pos])
         if remask is not None:
             steps = torch.where(remask, torch.full_like(steps, -1), steps)
         table.commit_step[rows, block_pos] = steps
@@ -386,7 +420,7 @@ class Decoder:
         table.block_step[idx] += 1
         table.row_step[idx.cpu()] += 1
 
-    def _record(self, view: StepView, remask) -> None:
+    def _record(self, view: StepView, remask, edit) -> None:
         """The trace's row of this call for each sequence (its own generation only)."""
         table = self.table
         idx, block_pos = view.rows, view.positions
@@ -394,38 +428,56 @@ class Decoder:
         masked_before = table.gen_view[idx] == self.model.mask_id
         masked_before[torch.arange(idx.shape[0], device=idx.device)[:, None], block_pos] = view.masked
         for j, slot in enumerate(idx.tolist()):
-            own = int(table.row_gen[slot])
+            lead, own = int(table.lead[slot]), int(table.row_gen[slot])  # its own generation, the prompt tail left out
             table.trace_rows[slot].append(dict(
-                top1=gen_top1[j, :own].cpu().numpy(),
-                confidence=table.known_top1_prob[slot, :own].cpu().numpy().copy(),
-                margin=table.known_margin[slot, :own].cpu().numpy().copy(),
-                entropy=table.known_entropy[slot, :own].cpu().numpy().copy(),
-                masked_before=masked_before[j, :own].cpu().numpy(),
-                tokens_after=table.gen_view[slot, :own].cpu().numpy().copy(),
+                top1=gen_top1[j, lead:own].cpu().numpy(),
+                confidence=table.known_top1_prob[slot, lead:own].cpu().numpy().copy(),
+                margin=table.known_margin[slot, lead:own].cpu().numpy().copy(),
+                entropy=table.known_entropy[slot, lead:own].cpu().numpy().copy(),
+                masked_before=masked_before[j, lead:own].cpu().numpy(),
+                tokens_after=table.gen_view[slot, lead:own].cpu().numpy().copy(),
                 block=int(table.block_idx[slot]),
             ))
-            if remask is not None:
-                for p in remask[j].nonzero().squeeze(1).tolist():
-                    table.remasked[slot].append((int(table.row_step[slot]), int(block_pos[j, p])))
+            for changed, log in ((remask, table.remasked[slot]), (edit, table.edited[slot])):
+                if changed is not None:
+                    for p in changed[j].nonzero().squeeze(1).tolist():
+                        log.append((int(table.row_step[slot]), int(block_pos[j, p]) - lead))
 
     # --- blocks and leaving --------------------------------------------------------------------
-    def _complete_blocks(self, view: StepView, new_blk) -> None:
-        """Sequences whose block holds no mask move to their next block (the stop rule may end them
-        first); a sequence past its last block leaves."""
-        table, cfg = self.table, self.config
-        done = ~(new_blk == self.model.mask_id).any(-1)  # (b,)
-        if not bool(done.any()):
-            return
-        slots = view.rows[done]
-        if cfg.early_stop:
-            def predict(rows, later):
-                return self.policy.stop_predictions(rows, self.calls.predictions(rows, later))
+    def _complete_blocks(self, view: StepView, new_blk, hold) -> None:
+        """Sequences whose block holds no mask (and that the policy does not hold open) move to their
+        next block, a stop rule may end them first, and a sequence past its last block leaves.
+        Block-diffusion families run their reference's block transition: a store call over the
+        finished block (with the cache) and Fast-dLLM v2's bonus token."""
+        table, model, rule = self.table, self.model, self.stop
+        idx = view.rows
+        done = ~(new_blk == model.mask_id).any(-1) & ~hold  # (b,)
+        stopped = answer_stop(table, idx, model.stop_ids) if rule == "answer" else torch.zeros_like(done)
+        finishing = done & ~stopped
+        if bool(finishing.any()):
+            slots, blk = idx[finishing], view.positions[finishing]
+            if rule == "predicted":
+                def predict(rows, later):
+                    return self.policy.stop_predictions(rows, self.calls.predictions(rows, later))
 
-            stop_rule(table, slots, predict, self.model.stop_ids)
+                stop_rule(table, slots, predict, model.stop_ids)
+            elif self.blocks is not None:
+                if self.blocks.bonus or (self.blocks.store_calls and table.cache is not None):
+                    hidden = self.calls.store(slots, blk)
+                    if self.blocks.bonus:
+                        self._bonus(slots, hidden, blk[:, 0] + table.row_block[slots])
+                        if rule == "answer":
+                            stopped[finishing] |= answer_stop(table, slots, model.stop_ids)
+                if rule == "block":
+                    stopped[finishing] |= block_stop(table, slots, model.stop_ids)
+        ended = done | stopped
+        if not bool(ended.any()):
+            return
+        slots = idx[ended]
         table.settle_redundancy(slots)
         table.block_idx[slots] += 1
         table.block_step[slots] = 0
-        if table.cache is not None:  # the next block starts with a refresh of the cache, a full forward
+        if table.cache is not None or self.blocks is not None:  # the next block starts with a fresh call
             for slot in slots.tolist():
                 self.pending.pop(slot, None)
         over = (table.block_idx[slots] >= table.row_blocks[slots]) | table.stopped_early[slots.cpu()].to(slots.device)
@@ -433,12 +485,26 @@ class Decoder:
             for slot in slots.tolist():
                 end = int(table.row_gen[slot]) if bool(table.stopped_early[slot]) else int(
                     table.block_idx[slot] * table.row_block[slot])
-                tokens = table.gen_view[slot, :end].tolist()
+                tokens = table.gen_view[slot, int(table.lead[slot]):end].tolist()
                 self._guarded(slot, lambda s=slot, t=tokens: self.on_block(table.seq[s], int(table.block_idx[s]) - 1, t))
         for slot in slots[over].tolist():
             if slot not in self.failed:
                 self._result(slot, cancelled=False)
             self._release(slot)
+
+    def _bonus(self, slots: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor) -> None:
+        """Commit, at generation `positions` (n,) (where still inside each sequence's generation), the
+        greedy token `hidden` (n, F) predicts: Fast-dLLM v2's first token of a block, read from the
+        position before it once everything before it is final."""
+        table = self.table
+        inside = positions < table.row_gen[slots]
+        if not bool(inside.any()):
+            return
+        slots, hidden, positions = slots[inside], hidden[inside], positions[inside]
+        logits = self.calls.logits(hidden[:, None], slots, torch.ones_like(positions, dtype=torch.bool)[:, None])
+        self.calls.check()
+        table.canvas[slots, table.prompt_len + positions] = logits[:, 0].argmax(-1)
+        table.commit_step[slots, positions] = table.row_step[slots.cpu()].to(slots.device)
 
     def _leave_cancelled(self) -> None:
         """Sequences whose client went away (`cancelled`) or whose callbacks failed leave now."""

@@ -54,7 +54,8 @@ class DecodeResult:
         return [s.text for s in self.sequences]
 
 
-def build_trace(steps: list[dict], commit_step: np.ndarray, remasked: list[tuple[int, int]]) -> Trace:
+def build_trace(steps: list[dict], commit_step: np.ndarray, remasked: list[tuple[int, int]],
+                edited: list[tuple[int, int]] = ()) -> Trace:
     """A sequence's `Trace` from the rows the loop recorded for it, one per call."""
 
     def stack(key, dtype):
@@ -70,11 +71,12 @@ def build_trace(steps: list[dict], commit_step: np.ndarray, remasked: list[tuple
         block=np.array([s["block"] for s in steps], dtype=np.int64),
         commit_step=commit_step.astype(np.int64),
         remasked=list(remasked),
+        edited=list(edited),
     )
 
 
 def sequence_result(model, *, prompt_ids, tokens, nfe, rows, stopped_early, events, redundant, trace_rows, remasked,
-                    commit_step, latency_s, cancelled: bool) -> SequenceResult:
+                    edited, commit_step, latency_s, cancelled: bool) -> SequenceResult:
     """One sequence's result from what the row table held for it (`RowTable.result_args`)."""
     stop_set = set(model.stop_ids)
     cut = next((i for i, t in enumerate(tokens) if t in stop_set), len(tokens))
@@ -86,10 +88,10 @@ def sequence_result(model, *, prompt_ids, tokens, nfe, rows, stopped_early, even
         text=model.tokenizer.decode(answer),
         nfe=nfe,
         rows=rows,
-        decided=sum(t != model.mask_id for t in tokens),
+        decided=sum(t != model.mask_id for t in tokens),  # a rewrite (token editing) decides nothing more
         latency_s=latency_s,
         stopped_early=stopped_early,
         cancelled=cancelled,
-        trace=build_trace(trace_rows, commit_step, remasked) if trace_rows is not None else None,
+        trace=build_trace(trace_rows, commit_step, remasked, edited) if trace_rows is not None else None,
         events={**events, "temporal_redundant_steps": redundant},
     )

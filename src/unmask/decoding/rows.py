@@ -13,6 +13,12 @@ is longer widens it (a copy of the canvas, the per-position buffers and the cach
 widest sequences leave, it narrows again (views), so calls compute no padding that no live sequence
 needs.
 
+Block-diffusion models (`model.block_diffusion`) anchor their blocks at position 0, so a prompt that
+does not end on a block boundary shares its last block with the first generated tokens: that tail
+(`lead` tokens) sits at the start of the sequence's generation region, decided from the start (a
+view marks it `fixed`), and the generation region is as many whole blocks as cover the tail and
+`gen_length` tokens. Results, streams and traces leave the tail out.
+
 Per-block values (the stability streak, the previous confidence and the top-1s behind the temporal
 redundancy) are only ever read inside the current block; the redundancy of a block is settled when
 the block completes, so nothing here grows with the decode's history.
@@ -55,6 +61,9 @@ SLOT_FIELDS = {
     "row_step": (0, torch.long, False),  # calls this sequence has taken part in
     "stopped_early": (False, torch.bool, False),
     "redundant": (0, torch.long, False),  # temporal redundancy of its finished blocks
+    "lead": (0, torch.long, True),  # prompt tokens at the start of the generation region (block diffusion)
+    "prompt_start": (0, torch.long, True),  # canvas column of the sequence's first prompt token
+    "kv_done": (0, torch.long, True),  # canvas column up to which its cached keys are final (block diffusion)
 }
 # per-slot, per-generation-position values: name -> (fill, dtype, trailing shape); "mask" fills with
 # the mask id
@@ -103,9 +112,12 @@ class RowTable:
         self.events: list[dict[str, float]] = []
         self.trace_rows: list[list[dict] | None] = []
         self.remasked: list[list[tuple[int, int]]] = []
+        self.edited: list[list[tuple[int, int]]] = []
         self.joined_at: list[float] = []
         self.state: Any = policy.init_state(0, 0, self.device)
-        self.cache = KVCache(0, self.attention) if use_cache else None
+        self.cache = KVCache(0, self.attention, self.positions) if use_cache else None
+        # a block-diffusion model's attention blocks: the decode's block length, anchored at position 0
+        self.attn_block = int(config.block_length) if model.block_diffusion is not None else None
 
     # --- views ---------------------------------------------------------------------------------
     @property
@@ -135,11 +147,22 @@ class RowTable:
         return self.model.mask_id if fill == "mask" else fill
 
     # --- joining -------------------------------------------------------------------------------
+    def split(self, j: Joiner) -> tuple[int, int]:
+        """(prompt tokens in the prompt region, generation region width) of a joiner: for a block-
+        diffusion model the prompt's tail past its last whole block moves into the generation
+        region, which grows to whole blocks."""
+        if self.attn_block is None:
+            return len(j.prompt), j.gen_length
+        lead = len(j.prompt) % self.attn_block
+        width = -(-(lead + j.gen_length) // self.attn_block) * self.attn_block
+        return len(j.prompt) - lead, width
+
     def check_fits(self, joiners: list[Joiner], width: int = 0) -> None:
         """Refuse joiners that would widen the canvas past the model's context."""
         model = self.model
-        longest = max([len(j.prompt) for j in joiners] + [self.prompt_len, width])
-        widest = max([j.gen_length for j in joiners] + [self.gen])
+        sizes = [self.split(j) for j in joiners]
+        longest = max([p for p, _ in sizes] + [self.prompt_len, width])
+        widest = max([g for _, g in sizes] + [self.gen])
         if longest + widest > model.max_length:
             if self.cap == 0:
                 raise UnmaskError(
@@ -155,10 +178,11 @@ class RowTable:
 
         `width`: the least width of the prompt region (left padding). Returns the joiners' slots."""
         self.check_fits(joiners, width)
-        longest = max([len(j.prompt) for j in joiners] + [width])
+        sizes = [self.split(j) for j in joiners]
+        longest = max([p for p, _ in sizes] + [width])
         if longest > self.prompt_len:
             self._widen_prompt(longest - self.prompt_len)
-        widest = max(j.gen_length for j in joiners)
+        widest = max(g for _, g in sizes)
         if widest > self.gen:
             self._widen_gen(widest - self.gen)
         free = [s for s, q in enumerate(self.seq) if q is None]
@@ -180,18 +204,23 @@ class RowTable:
             getattr(self, name)[slot] = fill
         for name, (fill, _, _) in self.gen_fields.items():
             getattr(self, name)[slot] = self._fill(fill)
-        block = j.gen_length if self.whole else int(cfg.block_length)
-        self.row_gen[slot] = j.gen_length
+        head, gen = self.split(j)
+        lead = len(j.prompt) - head
+        block = gen if self.whole else int(cfg.block_length)
+        self.row_gen[slot] = gen
         self.row_block[slot] = block
-        self.row_blocks[slot] = j.gen_length // block
+        self.row_blocks[slot] = gen // block
         self.max_steps[slot] = cfg.max_steps_per_block or 4 * block
         self.active[slot] = True
+        self.lead[slot] = lead
+        self.prompt_start[slot] = self.prompt_len - head
+        self.kv_done[slot] = self.prompt_len - head
         row = torch.full((self.canvas.shape[1],), model.pad_id, dtype=torch.long, device=self.device)
-        row[self.prompt_len - len(j.prompt): self.prompt_len] = torch.tensor(j.prompt, device=self.device)
-        row[self.prompt_len: self.prompt_len + j.gen_length] = model.mask_id
+        row[self.prompt_len - head: self.prompt_len + lead] = torch.tensor(j.prompt, device=self.device)
+        row[self.prompt_len + lead: self.prompt_len + gen] = model.mask_id
         self.canvas[slot] = row
         attention = torch.zeros_like(row, dtype=torch.bool)
-        attention[self.prompt_len - len(j.prompt): self.prompt_len + j.gen_length] = True
+        attention[self.prompt_len - head: self.prompt_len + gen] = True
         self.attention[slot] = attention
         self.positions[slot] = model.position_ids(attention[None])[0]
         self.seq[slot] = j.seq
@@ -201,6 +230,7 @@ class RowTable:
         self.events[slot] = {}
         self.trace_rows[slot] = [] if self.record_trace else None
         self.remasked[slot] = []
+        self.edited[slot] = []
         self.joined_at[slot] = now
 
     def release(self, slot: int) -> None:
@@ -209,7 +239,7 @@ class RowTable:
         self.active[slot] = False
         self.seq[slot] = None
         self.prompts[slot] = self.generators[slot] = self.trace_rows[slot] = None
-        self.events[slot], self.remasked[slot] = {}, []
+        self.events[slot], self.remasked[slot], self.edited[slot] = {}, [], []
         self.attention[slot] = False
         self._narrow()
 
@@ -236,11 +266,13 @@ class RowTable:
         self.events += [{} for _ in range(n)]
         self.trace_rows += [None] * n
         self.remasked += [[] for _ in range(n)]
+        self.edited += [[] for _ in range(n)]
         self.joined_at += [0.0] * n
         self.state = grow_state(self.state, self.policy.init_state(n, self.gen, device))
         self.cap += n
         if self.cache is not None:
             self.cache.grow(self.attention)
+            self.cache.layout(self.attention, self.positions)
 
     def _widen_prompt(self, delta: int) -> None:
         """`delta` more left padding for every row (a longer prompt joined)."""
@@ -250,8 +282,11 @@ class RowTable:
         self.attention = torch.cat([torch.zeros((self.cap, delta), dtype=torch.bool, device=device), self.attention], dim=1)
         self.positions = self.model.position_ids(self.attention)
         self.prompt_len += delta
+        self.prompt_start += delta
+        self.kv_done += delta
         if self.cache is not None:
             self.cache.widen(delta, self.attention)
+            self.cache.layout(self.attention, self.positions)
 
     def _widen_gen(self, delta: int) -> None:
         """`delta` more right padding for every row (a longer generation joined)."""
@@ -270,11 +305,12 @@ class RowTable:
         self.state = widen_state(self.state, self.policy.init_state(self.cap, self.gen, device))
         if self.cache is not None:
             self.cache.widen(delta, self.attention, right=True)
+            self.cache.layout(self.attention, self.positions)
 
     def _narrow(self) -> None:
         """Drop the padding no live sequence needs any more (views, no copy)."""
         live = [s for s, q in enumerate(self.seq) if q is not None]
-        left = self.prompt_len - max([len(self.prompts[s]) for s in live], default=0)
+        left = self.prompt_len - max([len(self.prompts[s]) - int(self.lead[s]) for s in live], default=0)
         right = self.gen - max([int(self.row_gen[s]) for s in live], default=0)
         if left <= 0 and right <= 0:
             return
@@ -283,6 +319,8 @@ class RowTable:
         self.attention = self.attention[:, left:end]
         self.positions = self.model.position_ids(self.attention)
         self.prompt_len -= left
+        self.prompt_start -= left
+        self.kv_done -= left
         if right:
             self.gen -= right
             for name in self.gen_fields:
@@ -291,6 +329,7 @@ class RowTable:
             self.state = narrow_state(self.state, self.policy.init_state(self.cap, self.gen, self.device))
         if self.cache is not None:
             self.cache.narrow(left, right, self.attention)
+            self.cache.layout(self.attention, self.positions)
 
     def history_room(self, steps: int) -> None:
         """Room in `hist` for `steps` calls of one block (grows by doubling; bounded by the step bound)."""
@@ -314,12 +353,12 @@ class RowTable:
 
     def result_args(self, slot: int) -> dict:
         """What a sequence's result is built from, as it stands."""
-        own = int(self.row_gen[slot])
-        return dict(prompt_ids=self.prompts[slot], tokens=self.gen_view[slot, :own].tolist(),
+        own, lead = int(self.row_gen[slot]), int(self.lead[slot])
+        return dict(prompt_ids=self.prompts[slot], tokens=self.gen_view[slot, lead:own].tolist(),
                     nfe=int(self.nfe[slot]), rows=int(self.rows_count[slot]),
                     stopped_early=bool(self.stopped_early[slot]), events=dict(self.events[slot]),
                     redundant=float(self.redundant[slot]), trace_rows=self.trace_rows[slot],
-                    remasked=list(self.remasked[slot]), commit_step=self.commit_step[slot, :own].cpu().numpy(),
+                    remasked=list(self.remasked[slot]), edited=list(self.edited[slot]), commit_step=self.commit_step[slot, lead:own].cpu().numpy(),
                     latency_s=time.perf_counter() - self.joined_at[slot])
 
 

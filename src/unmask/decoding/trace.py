@@ -24,6 +24,7 @@ class Trace:
     block: np.ndarray  # (steps,) int, block index of each step
     commit_step: np.ndarray  # (gen,) int, step at which the final token was committed (-1: filled at stop)
     remasked: list[tuple[int, int]] = field(default_factory=list)  # (step, position) remask events
+    edited: list[tuple[int, int]] = field(default_factory=list)  # (step, position) rewrites (token editing)
 
     @property
     def steps(self) -> int:
@@ -39,6 +40,7 @@ class Trace:
             top1=self.top1, confidence=self.confidence, margin=self.margin, entropy=self.entropy,
             masked_before=self.masked_before, tokens_after=self.tokens_after, block=self.block,
             commit_step=self.commit_step, remasked=np.array(self.remasked, dtype=np.int64).reshape(-1, 2),
+            edited=np.array(self.edited, dtype=np.int64).reshape(-1, 2),
         )
 
     @classmethod
@@ -46,4 +48,5 @@ class Trace:
         data = np.load(path)
         fields_ = {k: data[k] for k in data.files}
         fields_["remasked"] = [tuple(map(int, r)) for r in fields_["remasked"]]
+        fields_["edited"] = [tuple(map(int, r)) for r in fields_.get("edited", np.zeros((0, 2)))]
         return cls(**fields_)

@@ -50,10 +50,21 @@ def verify(calls: ModelCalls, policy: Policy, view: StepView, state, drafts: tor
     tokens[canvases, table.prompt_len + block_pos[owner]] = candidates[owner, level]
     per_seq = (built[verified] + 1).cpu()
     cached = table.cache is not None
-    where = block_pos[owner] if cached else torch.arange(table.gen, device=device).expand(owner.shape[0], -1)
-    features = calls.forward(idx[verified], where, partial=cached, tokens=tokens, owners=owner_slots,
-                             rows_per_seq=per_seq, read_only=cached)
-    block_features = features if cached else features[canvases, block_pos[owner]]  # (canvases, block, F)
+    # with a cache, or a block-causal model (whose later positions nothing reads), the block alone
+    block_only = cached or table.attn_block is not None
+    where = block_pos[owner] if block_only else torch.arange(table.gen, device=device).expand(owner.shape[0], -1)
+    if cached and table.attn_block is not None:
+        # block-causal: the block's exact span (a shifted model's from the position before it), so
+        # every key of the block is the draft's own, over the final keys of the finished blocks
+        shift = int(calls.model.shifted)
+        starts = table.prompt_len + block_pos[owner, 0]
+        first = torch.maximum(starts - shift, table.prompt_start[owner_slots])
+        features = calls.compute(idx[verified], first, starts + block, table.prompt_len + where - shift,
+                                 read_only=True, tokens=tokens, owners=owner_slots, rows_per_seq=per_seq)
+    else:
+        features = calls.forward(idx[verified], where, partial=cached, tokens=tokens, owners=owner_slots,
+                                 rows_per_seq=per_seq, read_only=cached)
+    block_features = features if block_only else features[canvases, block_pos[owner]]  # (canvases, block, F)
     read = block_pos[owner] < table.row_gen[owner_slots][:, None]  # right padding is never read
     flat = block_features[read]
     stats = calls.stats(flat, owner_slots[:, None].expand_as(read)[read], keys=("top1", "top1_prob"))

@@ -128,6 +128,7 @@ class DiffusionLM:
         cache: Any = None,
         at: torch.Tensor | None = None,  # (batch, q) positions whose predictions are wanted (default: all)
         attn_block: int | None = None,  # a block-diffusion model's block length (its attention is block-causal)
+        shift: bool = True,  # False: `at` are the positions whose hidden states are wanted, whatever the shift
     ) -> torch.Tensor:
         """What `head` turns into the logits predicting `at` (batch, q, F), already unshifted.
 
@@ -141,7 +142,7 @@ class DiffusionLM:
             position_ids = self.position_ids(attention_mask)
         if at is None:
             at = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
-        source = self._sources(at, position_ids)
+        source = self._sources(at, position_ids) if shift else at
         extra = self._block_kwargs(attn_block)
         if self.has_head:
             return self.network(input_ids, position_ids=position_ids, key_mask=attention_mask, cache=cache,

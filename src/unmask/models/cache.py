@@ -105,6 +105,10 @@ class KVCache:
             self.keys[layer][rows] = k
             self.values[layer][rows] = v
             return k, v, key_mask
+        if layer not in self.keys:  # a block-diffusion decode fills its cache by partial calls only
+            shape = (self.batch_size, k.shape[1], self.key_mask.shape[1], k.shape[3])
+            self.keys[layer] = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            self.values[layer] = torch.zeros(shape, dtype=v.dtype, device=v.device)
         stored_k, stored_v = self.keys[layer], self.values[layer]
         index = self.query_pos
         r = torch.arange(index.shape[0], device=index.device)[:, None]

@@ -73,9 +73,14 @@ class StepView:
     # (batch,) each sequence's own generation length and number of blocks (None: the canvas's)
     row_gen_length: torch.Tensor | None = None
     row_num_blocks: torch.Tensor | None = None
+    # (batch, block) prompt tokens in the block (a block-diffusion prompt's tail, which shares the
+    # first block with the generation): never masked, never committed or edited (None: none)
+    fixed: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         device = self.rows.device
+        if self.fixed is None:
+            self.fixed = torch.zeros_like(self.masked)
         if self.row_gen_length is None:
             self.row_gen_length = torch.full(self.rows.shape, self.gen_length, dtype=torch.long, device=device)
         if self.row_num_blocks is None:
@@ -117,6 +122,11 @@ class Decision:
     # step's predictions with no model call; the loop scores the committed block and the drafts in
     # one batched call and asks `Policy.accept` which depth to keep
     drafts: torch.Tensor | None = None
+    # token editing (policies with `edits`): (batch, block) decided positions to rewrite with `tokens`
+    # (the prompt's tail never), and (batch,) sequences whose block stays open although no mask is
+    # left (LLaDA2.1's post-steps)
+    edit: torch.Tensor | None = None
+    hold: torch.Tensor | None = None
 
 
 class Policy:
@@ -139,6 +149,10 @@ class Policy:
     continuous: ClassVar[bool] = True
     remasking: ClassVar[bool] = False
     whole_generation: ClassVar[bool] = False
+    # the policy may rewrite decided positions of its block (LLaDA2.1's token editing, `Decision.edit`)
+    edits: ClassVar[bool] = False
+    # the stop rule its reference runs (see unmask.decoding.blocks.stop_rule_of); None: the model's
+    stop_rule: str | None = None
 
     def __init__(self, config: PolicyConfig | None = None):
         self.config = config if config is not None else self.Config()
