@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+EOS_SCALE = 2.5
 REVISIONS = {"dllm": "ca176752", "sdar": "c2041a8", "fastdllm_v2": "189fa7a"}
 WORK = Path(tempfile.mkdtemp(prefix="unmask_reference_"))
 atexit.register(shutil.rmtree, WORK, True)
@@ -151,9 +152,13 @@ def dict_tied(cls, embed: str) -> None:
 # tiny checkpoints
 
 
-def randomise(model, std: float, head_scale: float, seed: int) -> None:
+def randomise(model, std: float, head_scale: float, seed: int, mask_id: int, eos_scale: float = 1.0,
+              eos_id: int | None = None) -> None:
     """Random weights: norms 1 + 0.1 N(0, 1), the rest N(0, std); the output head scaled so that
-    predictions are peaked enough for thresholds to fire. Buffers such as expert biases too."""
+    predictions are peaked enough for thresholds to fire. Buffers such as expert biases too. The
+    head's row of the mask token is zero (its logit 0, far below the top of the peaked others), as a
+    trained model puts next to no mass on it: unmask never predicts the mask token, and the
+    references, which keep its logit, would otherwise sometimes commit it on random weights."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers()
@@ -163,6 +168,9 @@ def randomise(model, std: float, head_scale: float, seed: int) -> None:
             else:
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
         model.lm_head.weight.mul_(head_scale)
+        model.lm_head.weight[mask_id] = 0.0
+        if eos_id is not None:  # a likelier end of answer, so that the fixtures meet the stop rules
+            model.lm_head.weight[eos_id] *= eos_scale
 
 
 def save_checkpoint(model, config_dict: dict, tokenizer, folder: Path) -> None:
@@ -251,7 +259,7 @@ def lladamoe(args, out: Path) -> dict:
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
     model = LLaDAMoEModelLM(cfg).eval()
-    randomise(model, std=0.2, head_scale=4.0, seed=1)
+    randomise(model, std=0.2, head_scale=4.0, seed=1, mask_id=tok.hf.mask_token_id)
     inputs = prompts_of(tok, ["tom has 5 apples and ann has 3 pens . how many ?", "hello world"])
     logits = {}
     with torch.no_grad():
@@ -291,7 +299,7 @@ def llada2(args, out: Path) -> dict:
                 first_k_dense_replace=1, partial_rotary_factor=0.5, use_cache=False)
     torch.manual_seed(0)
     model = LLaDA2MoeModelLM(LLaDA2MoeConfig(**keys)).eval()
-    randomise(model, std=0.2, head_scale=12.0, seed=2)
+    randomise(model, std=0.2, head_scale=12.0, seed=2, mask_id=mask, eos_scale=EOS_SCALE, eos_id=eos)
     model21 = LLaDA21MoeModelLM(LLaDA21MoeConfig(**keys)).eval()
     model21.load_state_dict(model.state_dict())
     block = 8
@@ -349,7 +357,7 @@ def sdar(args, out: Path) -> dict:
                 pad_token_id=None, fuse_cross_entropy=True)
     torch.manual_seed(0)
     model = SDARForCausalLM(SDARConfig(**keys)).eval()
-    randomise(model, std=0.2, head_scale=8.0, seed=3)
+    randomise(model, std=0.2, head_scale=8.0, seed=3, mask_id=mask)
     inputs = prompts_of(tok, ["tom has 5", "what is 3 plus 4 ?", "hello world , tom"])
     record = {"family": "sdar", "inputs": inputs, "logits": {}, "block": block, "decodes": []}
     with torch.no_grad():
@@ -395,7 +403,7 @@ def fastdllm_v2(args, out: Path) -> dict:
                 rms_norm_eps=1e-6)
     torch.manual_seed(0)
     model = Fast_dLLM_QwenForCausalLM(Fast_dLLM_QwenConfig(**keys)).eval()
-    randomise(model, std=0.3, head_scale=8.0, seed=4)
+    randomise(model, std=0.3, head_scale=8.0, seed=4, mask_id=mask, eos_scale=EOS_SCALE, eos_id=eos)
     inputs = prompts_of(tok, ["tom has 5 apples", "tom has 5 apples and ann has 3 pens . how", "what is 3 plus 4 ?"])
     record = {"family": "fastdllm_v2", "inputs": inputs, "logits": {}, "block": block, "decodes": []}
     with torch.no_grad():

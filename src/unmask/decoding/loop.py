@@ -237,13 +237,14 @@ class Decoder:
         new = idx[table.row_step[idx.cpu()].to(idx.device) == 0]
         if new.numel() == 0:
             return
-        if blocks.bonus:
-            new = new[table.lead[new] == 0]  # a prompt tail shares the first block: no bonus there
-        elif not (blocks.store_calls and table.cache is not None):
-            return
+        if not (blocks.store_calls and table.cache is not None):
+            if not blocks.bonus:
+                return
+            new = new[table.lead[new] == 0]  # without a cache the prefill is only for the bonus
         rows, hidden = self.calls.prefill(new)
         if blocks.bonus and hidden is not None:
-            self._bonus(rows, hidden, torch.zeros_like(rows))
+            tail_free = table.lead[rows] == 0  # a prompt tail shares the first block: no bonus there
+            self._bonus(rows[tail_free], hidden[tail_free], torch.zeros_like(rows[tail_free]))
 
     def _block_logits(self, idx: torch.Tensor, block_pos: torch.Tensor) -> torch.Tensor:
         """The current block's logits (b, block, V) for this step: from what a verification's accepted
@@ -404,12 +405,12 @@ class Decoder:
         stays = (new_blk == mask_id) & (block_pos < table.row_gen[idx][:, None])
         still[torch.arange(idx.shape[0], device=idx.device)[:, None], block_pos] = torch.where(stays, view.top1, -1)
         table.hist[idx, table.block_step[idx]] = still
+        if edit is not None:
+            events["edits"] = edit.sum(-1)  # rewrites of decided positions (token editing)
         for name, counts in events.items():
             counts = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
             for slot, count in zip(idx.tolist(), counts):
                 table.events[slot][name] = table.events[slot].get(name, 0.0) + float(count)
-        if edit is not None:
-            events["edits"] = edit.sum(-1)
         written = commit if edit is None else commit | edit
         own_step = table.row_step[idx.cpu()].to(idx.device)[:, None].expand_as(block_pos)
         steps = torch.where(written, own_step, table.commit_step[rows, block_pos])

@@ -4,7 +4,10 @@ from unmask.decoding.policies import (  # noqa: F401
     ce,
     entropy,
     factor,
+    fastdllm_v2,
     learned_drafts,
+    llada2,
+    llada21,
     low_confidence,
     margin,
     one_shot,
@@ -12,6 +15,7 @@ from unmask.decoding.policies import (  # noqa: F401
     psd,
     r2,
     random_order,
+    sdar,
     threshold,
     tspd,
 )

@@ -31,10 +31,14 @@ class Oracle(Policy):
         # one token per step on every model (docs/measurements.md: the reference decode), Dream's included
         reference = Decoder(model, LowConfidence(ScheduledConfig(schedule="llada")), decode_config).run(
             prompts, gen_lengths=gen_lengths)
-        # (batch, canvas): a shorter sequence's targets end in mask tokens the loop never reads
-        canvas = max(len(s.tokens) for s in reference.sequences)
-        self._targets = torch.tensor([s.tokens + [model.mask_id] * (canvas - len(s.tokens)) for s in reference.sequences],
-                                     device=model.device)
+        # (batch, canvas) in the generation region's coordinates: a block-diffusion prompt's tail
+        # comes first (never committed, so its targets are never read), and a shorter sequence's
+        # targets end in mask tokens the loop never reads
+        block = decode_config.block_length
+        leads = [len(p) % block if model.block_diffusion is not None else 0 for p in prompts]
+        rows = [[model.mask_id] * lead + s.tokens for lead, s in zip(leads, reference.sequences)]
+        canvas = max(len(r) for r in rows)
+        self._targets = torch.tensor([r + [model.mask_id] * (canvas - len(r)) for r in rows], device=model.device)
 
     def stop_predictions(self, rows, gen_top1):
         # the bound stops where the reference stops and fills exactly y*, whatever the model says now
