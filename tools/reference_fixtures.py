@@ -173,8 +173,10 @@ def randomise(model, std: float, head_scale: float, seed: int, mask_id: int, eos
             model.lm_head.weight[eos_id] *= eos_scale
 
 
-def save_checkpoint(model, config_dict: dict, tokenizer, folder: Path) -> None:
-    """The reference model's own state dict (its tensor names) and config keys, and the tokenizer."""
+def save_checkpoint(model, config_dict: dict, tokenizer, folder: Path, block: int = 32) -> None:
+    """The reference model's own state dict (its tensor names) and config keys, and the tokenizer;
+    `unmask_defaults` gives the tiny model short default lengths (its context is 256)."""
+    config_dict = {**config_dict, "unmask_defaults": {"gen_length": 4 * block, "block_length": block}}
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -267,7 +269,7 @@ def lladamoe(args, out: Path) -> dict:
             logits[f"logits_{i}"] = model(torch.tensor([ids])).logits[0].float()
     config = {**keys, "model_type": "lladamoe", "architectures": ["LLaDAMoEModelLM"],
               "mask_token_id": tok.hf.mask_token_id, "hidden_act": "silu", "rope_scaling": None}
-    save_checkpoint(model, config, tok, out)
+    save_checkpoint(model, config, tok, out, block=8)
     return {"family": "lladamoe", "inputs": inputs, "logits": logits}
 
 
@@ -322,7 +324,7 @@ def llada2(args, out: Path) -> dict:
                                           "settings": kwargs, "tokens": got[0].tolist(), "nfe": counter.calls})
     config = {**keys, "model_type": "llada2_moe", "architectures": ["LLaDA2MoeModelLM"], "mask_token_id": mask,
               "hidden_act": "silu"}
-    save_checkpoint(model, config, tok, out)
+    save_checkpoint(model, config, tok, out, block=block)
     return record
 
 
@@ -379,7 +381,7 @@ def sdar(args, out: Path) -> dict:
     config = {**keys, "model_type": "sdar", "architectures": ["SDARForCausalLM"], "hidden_act": "silu",
               "rope_scaling": None}
     config.pop("fuse_cross_entropy")
-    save_checkpoint(model, config, tok, out)
+    save_checkpoint(model, config, tok, out, block=block)
     return record
 
 
@@ -422,7 +424,7 @@ def fastdllm_v2(args, out: Path) -> dict:
                                           "tokens": got[0, len(ids):].tolist(), "nfe": counter.calls})
     config = {**keys, "model_type": "Fast_dLLM_Qwen", "architectures": ["Fast_dLLM_QwenForCausalLM"],
               "mask_token_id": mask, "hidden_act": "silu", "rope_scaling": None}
-    save_checkpoint(model, config, tok, out)
+    save_checkpoint(model, config, tok, out, block=block)
     return record
 
 

@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="decode one prompt and print the text and its cost")
     p.add_argument("prompt", help="the prompt (the chat template is applied when the model has one)")
     _model_args(p)
-    p.add_argument("--strategy", default="low_confidence", help="NAME or NAME:key=value,... (see `unmask strategies`)")
+    p.add_argument("--strategy", default="auto",
+                   help="NAME or NAME:key=value,... (see `unmask strategies`); auto: the model family's own decoder "
+                        "(low_confidence for LLaDA, Dream and LLaDA-MoE; docs/checkpoints.md)")
     _decode_args(p)
     p.add_argument("--no-chat", action="store_true", help="feed the prompt raw, without the chat template")
 
@@ -107,8 +109,10 @@ def cmd_generate(args) -> int:
     from unmask.decoding import generate, parse_strategy
     from unmask.models import load_model
 
-    policy = parse_strategy(args.strategy)  # a bad strategy fails before the model loads
+    if args.strategy != "auto":
+        parse_strategy(args.strategy)  # a bad strategy fails before the model loads
     model = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    policy = parse_strategy(model.default_strategy if args.strategy == "auto" else args.strategy)
     result = generate(
         model, [args.prompt], policy, chat=not args.no_chat,
         gen_length=args.gen_length, block_length=args.block_length, seed=args.seed, cache=args.cache,

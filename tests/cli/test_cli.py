@@ -126,3 +126,15 @@ def test_bench_all_and_strategy_together_is_refused(tiny_checkpoint, capsys):
         sys.exit(main(["bench", "--model", tiny_checkpoint, "--all", "--strategy", "threshold"]))
     assert exc.value.code == 2
     assert "--all" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family, decoder", [("lladamoe", "low_confidence"), ("llada2", "llada2"), ("sdar", "sdar"),
+                                             ("fastdllm_v2", "fastdllm_v2")])
+def test_generate_runs_each_new_family_with_its_own_decoder(family, decoder, capsys):
+    # the README's instruction: `unmask generate PROMPT --model tests/fixtures/reference/<family>/checkpoint`
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "fixtures" / "reference" / family / "checkpoint"
+    assert main(["generate", "tom has 5 apples", "--model", str(folder)]) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary.startswith(f"[{decoder}] NFE ")

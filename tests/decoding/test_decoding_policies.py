@@ -64,6 +64,13 @@ def test_no_mask_left_and_committed_tokens_never_change(model, name, tt):
         if policy_class(name).remasking:
             continue
         committed = after != model.mask_id
+        if policy_class(name).edits:
+            # token editing (llada21): a committed token changes only by an edit the trace records
+            changed = {(s, int(p)) for s in range(1, trace.steps)
+                       for p in np.flatnonzero(committed[s - 1] & (after[s] != after[s - 1]))}
+            assert changed == set(trace.edited), name
+            assert seq.events.get("edits", 0) == len(trace.edited)
+            continue
         for s in range(trace.steps):
             later = after[s:]
             held = committed[s]
@@ -139,13 +146,18 @@ def test_blocks_complete_left_to_right(model, name, tt):
             assert not trace.masked_before[s, :start].any(), f"{name}: step {s} ran block {b} with earlier masks"
             assert trace.masked_before[s, end:].all(), f"{name}: a later block was touched before step {s}"
             assert not committed[s, :start].any() and not committed[s, end:].any()
-            if not empty_steps:
+            # (an editing policy's calls after its block is full commit nothing: they may only edit)
+            if not empty_steps and trace.masked_before[s, start:end].any():
                 assert committed[s, start:end].any(), f"{name}: step {s} committed nothing"
-        # a block's last step leaves it full, and the next step moves on
+        # a block's last step leaves it full, and the next step moves on (an editing policy may hold
+        # a full block open for more calls; it moves on only from a full block)
         for s in range(trace.steps - 1):
             b = int(trace.block[s])
             full = not (trace.tokens_after[s, b * block : (b + 1) * block] == model.mask_id).any()
-            assert (trace.block[s + 1] == b + 1) == full
+            if policy.edits:
+                assert full or trace.block[s + 1] == b
+            else:
+                assert (trace.block[s + 1] == b + 1) == full
 
 
 def test_one_shot_is_a_single_call_over_the_whole_generation(model, tt):

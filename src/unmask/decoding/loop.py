@@ -440,9 +440,9 @@ class Decoder:
                 block=int(table.block_idx[slot]),
             ))
             for changed, log in ((remask, table.remasked[slot]), (edit, table.edited[slot])):
-                if changed is not None:
+                if changed is not None:  # (the call's trace row, position in the sequence's generation)
                     for p in changed[j].nonzero().squeeze(1).tolist():
-                        log.append((int(table.row_step[slot]), int(block_pos[j, p]) - lead))
+                        log.append((int(table.row_step[slot]) - 1, int(block_pos[j, p]) - lead))
 
     # --- blocks and leaving --------------------------------------------------------------------
     def _complete_blocks(self, view: StepView, new_blk, hold) -> None:

@@ -165,9 +165,12 @@ class RowTable:
         widest = max([g for _, g in sizes] + [self.gen])
         if longest + widest > model.max_length:
             if self.cap == 0:
+                j = max(joiners, key=lambda j: sum(self.split(j)))
+                tail = (f" (with the prompt's tail, {sum(self.split(j))} positions in whole blocks of {self.attn_block})"
+                        if self.attn_block is not None else "")
                 raise UnmaskError(
-                    f"prompt ({longest} tokens) plus gen_length {widest} exceeds the model's context of "
-                    f"{model.max_length}; shorten the prompt or the generation", field="gen_length")
+                    f"prompt ({len(j.prompt)} tokens) plus gen_length {j.gen_length}{tail} exceeds the model's context "
+                    f"of {model.max_length}; shorten the prompt or the generation", field="gen_length")
             raise UnmaskError(
                 f"a joining sequence (a {max(len(j.prompt) for j in joiners)}-token prompt, gen_length "
                 f"{max(j.gen_length for j in joiners)}) would widen the decode's canvas to {longest} + {widest} "

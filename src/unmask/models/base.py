@@ -83,6 +83,7 @@ class DiffusionLM:
     kind: str = "llada"
     extra: dict[str, Any] = field(default_factory=dict)
     block_diffusion: BlockDiffusion | None = None  # None: bidirectional attention (LLaDA, Dream, LLaDA-MoE)
+    default_strategy: str = "low_confidence"  # the family's own decoder (`unmask generate --strategy auto`)
 
     @property
     def device(self) -> torch.device:

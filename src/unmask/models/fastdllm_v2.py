@@ -85,6 +85,7 @@ FASTDLLM_V2 = register_architecture(
         matches=_is_fastdllm_v2,
         special_ids=_special_ids,
         block_diffusion=FASTDLLM_V2_BLOCKS,
+        strategy=lambda cfg, raw: "fastdllm_v2",
         defaults=lambda cfg, raw: {"block_length": cfg.bd_size},
     )
 )

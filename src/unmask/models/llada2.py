@@ -220,6 +220,7 @@ LLADA2 = register_architecture(
         matches=_is_llada2,
         special_ids=_special_ids,
         block_diffusion=LLADA2_BLOCKS,
+        strategy=lambda cfg, raw: "llada21" if cfg.version == "2.1" else "llada2",
         defaults=lambda cfg, raw: {"block_length": 32},
     )
 )

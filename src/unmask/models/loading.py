@@ -38,6 +38,7 @@ class Architecture:
     special_ids: Callable[[Any, dict, Tokenizer], dict]
     block_diffusion: Any = None  # a BlockDiffusion for block-diffusion families
     defaults: Callable[[Any, dict], dict] | None = None  # the family's decode defaults (gen/block length)
+    strategy: Callable[[Any, dict], str] | None = None  # the family's own decoder (None: low_confidence)
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
@@ -238,6 +239,7 @@ def load_model(
         path=str(path),
         kind=arch.name,
         block_diffusion=arch.block_diffusion,
+        default_strategy=arch.strategy(cfg, raw) if arch.strategy is not None else "low_confidence",
         **ids,
     )
 

@@ -106,6 +106,7 @@ SDAR = register_architecture(
         matches=_is_sdar,
         special_ids=_special_ids,
         block_diffusion=SDAR_BLOCKS,
+        strategy=lambda cfg, raw: "sdar",
         defaults=lambda cfg, raw: {"block_length": cfg.block_size},
     )
 )
