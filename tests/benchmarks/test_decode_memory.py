@@ -21,3 +21,11 @@ def test_an_unknown_mode_is_one_line(load_benchmark, capsys):
     bench = load_benchmark("decode_memory")
     assert bench.main(["--mode", "everything"]) == 2
     assert "unknown mode 'everything'" in capsys.readouterr().err
+
+
+def test_moe_speed_times_both_ways_at_each_call_size(load_benchmark, tmp_path):
+    bench = load_benchmark("moe_speed")
+    assert bench.main(["--experts", "8", "--top-k", "2", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "moe_speed.json").read_text())["rows"]
+    assert [r["call"] for r in rows] == list(bench.SIZES)
+    assert all(r["max_logit_difference"] < 1e-4 for r in rows)  # the two ways compute the same network

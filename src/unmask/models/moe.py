@@ -1,10 +1,12 @@
 """Sparse mixture-of-experts feed-forward layers: routers and grouped experts.
 
-Experts are SwiGLU MLPs whose weights are stacked, (experts, out, in), so that a layer runs as three
-batched matrix products over the tokens grouped by expert (each token-expert assignment gathered
-into its expert's rows, padded to the busiest expert), never as a Python loop over experts. The
-stacked weights load from, and save to, the checkpoints' own per-expert names
-(`experts.E.gate_proj.weight`, ...), so a checkpoint loads by name with no conversion.
+Experts are SwiGLU MLPs whose weights are stacked, (experts, out, in), and tokens are grouped by
+expert once (every token-expert assignment sorted by expert): a small call (a decode step's block)
+runs as batched matrix products over the groups padded to the busiest expert, a large one as one
+product per expert over its contiguous rows; never, as the reference code does, a loop that
+searches every expert's tokens among all of them. The stacked weights load from, and save to, the
+checkpoints' own per-expert names (`experts.E.gate_proj.weight`, ...), so a checkpoint loads by
+name with no conversion. `benchmarks/moe_speed.py` measures both against that loop.
 
 Routers differ by family, and the differences change the logits, so each is a named setting:
 
@@ -30,13 +32,21 @@ PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 class Experts(nn.Module):
-    """`n` SwiGLU experts (hidden -> inter -> hidden) with stacked weights; forward over grouped tokens."""
+    """`n` SwiGLU experts (hidden -> inter -> hidden), weights stacked; forward over grouped tokens.
+
+    The gate and up projections are stored together, `gate_up` (n, 2 inter, hidden), so that each
+    expert's first product is one matrix product; state dicts still hold the checkpoints'
+    per-expert `gate_proj` / `up_proj` / `down_proj`."""
+
+    # rows per expert, on average, up to which the experts run as batched products over one padded
+    # (experts, busiest expert's rows, hidden) buffer; past it, as one product per expert over its
+    # contiguous rows of the sorted tokens (a padded buffer's elementwise passes then cost more)
+    PADDED_ROWS = 16
 
     def __init__(self, n: int, hidden: int, inter: int):
         super().__init__()
         self.n, self.hidden, self.inter = n, hidden, inter
-        self.gate_proj = nn.Parameter(torch.empty(n, inter, hidden))
-        self.up_proj = nn.Parameter(torch.empty(n, inter, hidden))
+        self.gate_up = nn.Parameter(torch.empty(n, 2 * inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(n, hidden, inter))
         self._register_state_dict_hook(_per_expert_names)
         self._register_load_state_dict_pre_hook(_stack_per_expert, with_module=True)
@@ -47,36 +57,59 @@ class Experts(nn.Module):
         tokens, k = experts.shape
         flat = experts.reshape(-1)
         order = torch.argsort(flat, stable=True)  # assignments grouped by expert
+        source = order // k  # the token of each grouped assignment
         counts = torch.bincount(flat, minlength=self.n)
-        first = torch.cumsum(counts, 0) - counts
-        expert_of = flat[order]
-        slot = torch.arange(flat.shape[0], device=x.device) - first[expert_of]  # its row in its expert's group
-        width = int(counts.max()) if flat.numel() else 0
-        grouped = x.new_zeros((self.n, width, self.hidden))
-        grouped[expert_of, slot] = x[order // k]
-        h = F.silu(torch.bmm(grouped, self.gate_proj.transpose(1, 2))) * torch.bmm(grouped, self.up_proj.transpose(1, 2))
-        out = torch.bmm(h, self.down_proj.transpose(1, 2))  # (n, width, hidden)
-        per_assignment = out[expert_of, slot] * weights.reshape(-1)[order, None].to(out.dtype)
+        if flat.numel() <= self.PADDED_ROWS * self.n:
+            out = self._padded(x, flat[order], counts, source)
+        else:
+            out = self._slices(x[source], counts)
         result = torch.zeros_like(x)
-        result.index_add_(0, order // k, per_assignment)
+        result.index_add_(0, source, out * weights.reshape(-1)[order, None].to(out.dtype))
         return result
+
+    def _swiglu(self, h: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        gate, up = h.split(self.inter, dim=-1)
+        return (F.silu(gate) * up) @ down
+
+    def _padded(self, x, expert_of, counts, source):
+        """Three batched products over the tokens gathered into (experts, busiest's rows, hidden)."""
+        first = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(expert_of.shape[0], device=x.device) - first[expert_of]  # row in its expert's group
+        grouped = x.new_zeros((self.n, int(counts.max()), self.hidden))
+        grouped[expert_of, slot] = x[source]
+        out = self._swiglu(torch.bmm(grouped, self.gate_up.transpose(1, 2)), self.down_proj.transpose(1, 2))
+        return out[expert_of, slot]
+
+    def _slices(self, rows, counts):
+        """One product per expert over its contiguous rows of the sorted assignments."""
+        parts, start = [], 0
+        for e, count in enumerate(counts.tolist()):
+            if count:
+                seg = rows[start: start + count]
+                parts.append(self._swiglu(seg @ self.gate_up[e].T, self.down_proj[e].T))
+                start += count
+        return torch.cat(parts)
 
 
 def _per_expert_names(module: Experts, state_dict, prefix, local_metadata) -> None:
     """state_dict() under the checkpoints' names: `{prefix}{e}.gate_proj.weight`, one per expert."""
-    for name in PROJECTIONS:
-        stacked = state_dict.pop(prefix + name)
-        for e in range(module.n):
-            state_dict[f"{prefix}{e}.{name}.weight"] = stacked[e]
+    gate_up = state_dict.pop(prefix + "gate_up")
+    down = state_dict.pop(prefix + "down_proj")
+    for e in range(module.n):
+        state_dict[f"{prefix}{e}.gate_proj.weight"] = gate_up[e, : module.inter]
+        state_dict[f"{prefix}{e}.up_proj.weight"] = gate_up[e, module.inter:]
+        state_dict[f"{prefix}{e}.down_proj.weight"] = down[e]
 
 
 def _stack_per_expert(module: Experts, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                       error_msgs) -> None:
     """load_state_dict() from the checkpoints' per-expert names into the stacked weights."""
-    for name in PROJECTIONS:
-        keys = [f"{prefix}{e}.{name}.weight" for e in range(module.n)]
-        if all(k in state_dict for k in keys):
-            state_dict[prefix + name] = torch.stack([state_dict.pop(k) for k in keys])
+    names = {name: [f"{prefix}{e}.{name}.weight" for e in range(module.n)] for name in PROJECTIONS}
+    if all(k in state_dict for keys in names.values() for k in keys):
+        gate = [state_dict.pop(k) for k in names["gate_proj"]]
+        up = [state_dict.pop(k) for k in names["up_proj"]]
+        state_dict[prefix + "gate_up"] = torch.stack([torch.cat([g, u]) for g, u in zip(gate, up)])
+        state_dict[prefix + "down_proj"] = torch.stack([state_dict.pop(k) for k in names["down_proj"]])
 
 
 @dataclass
