@@ -637,3 +637,41 @@ def family_tokenizer(family: str) -> Tokenizer:
     return tiny_tokenizer(special=special, chat_template=template, bos=None, eos=eos, mask=mask,
                           words=tuple(TINY_WORDS) + ("upper", "human"))
 
+
+
+def write_tiny_sdar(path: str | Path, hidden_size: int = 256, num_hidden_layers: int = 4, num_attention_heads: int = 8,
+                    num_key_value_heads: int = 4, head_dim: int = 32, intermediate_size: int = 512, seed: int = 0,
+                    max_position_embeddings: int = 2048, block_size: int = 32, no_stop: bool = True) -> Path:
+    """A random SDAR-layout (block-diffusion) checkpoint folder: Qwen3 names and config keys, the
+    tiny SDAR tokenizer. With `no_stop` the output head never favours a stop token (its rows are
+    zero), so every decode runs its whole length: for speed benchmarks of the exact cache."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from unmask.models.sdar import SDARConfig
+
+    tokenizer = family_tokenizer("sdar")
+    hf = tokenizer.hf
+    raw = dict(model_type="sdar", architectures=["SDARForCausalLM"], vocab_size=len(hf) + 8, hidden_size=hidden_size,
+               intermediate_size=intermediate_size, num_hidden_layers=num_hidden_layers,
+               num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads, head_dim=head_dim,
+               rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=max_position_embeddings,
+               tie_word_embeddings=False, attention_bias=False, hidden_act="silu", block_size=block_size,
+               mask_token_id=hf.mask_token_id, eos_token_id=hf.eos_token_id,
+               unmask_defaults={"gen_length": 8 * block_size, "block_length": block_size})
+    from unmask.models.decoder import DecoderNetwork
+
+    network = DecoderNetwork(SDARConfig.from_dict(raw).layout)
+    network.init_weights(std=0.2, seed=seed)
+    if no_stop:
+        with torch.no_grad():
+            for token in ("<|endoftext|>", "<|im_end|>"):
+                network.lm_head.weight[tokenizer.token_id(token)] = 0.0
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(path / "model.safetensors"),
+              metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    tokenizer.save(path)
+    return path

@@ -164,9 +164,15 @@ class DiffusionLM:
     ) -> torch.Tensor:
         """`features` at `query_pos` only (rows, q, F), computing only those queries over the cached
         keys and values. For a shifted model the queries are the positions before `query_pos`
-        (their hidden states predict `query_pos`), so the caller never deals with the shift."""
+        (their hidden states predict `query_pos`), so the caller never deals with the shift. A
+        block-causal model's queries attend only to the keys up to the end of the last query's block."""
         source = (query_pos - 1).clamp(min=0) if self.shifted and shift else query_pos
-        cache.partial(rows if rows is not None else torch.arange(input_ids.shape[0], device=input_ids.device), source, read_only)
+        limit = None
+        if self.block_diffusion is not None and attn_block:
+            last = int(position_ids.gather(1, source).max())  # the furthest query's position id ...
+            limit = int((position_ids <= (last // attn_block + 1) * attn_block - 1).sum(-1).max())  # ... its block's end
+        cache.partial(rows if rows is not None else torch.arange(input_ids.shape[0], device=input_ids.device), source,
+                      read_only, key_limit=limit)
         tokens = input_ids.gather(1, source)
         positions = position_ids.gather(1, source)
         extra = self._block_kwargs(attn_block)

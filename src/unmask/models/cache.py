@@ -37,6 +37,7 @@ class KVCache:
         self.rows: torch.Tensor | None = None  # sequences of the current call (one per row)
         self.query_pos: torch.Tensor | None = None  # (rows, q) canvas positions of the queries
         self.read_only = False
+        self.key_limit: int | None = None  # set by partial(): the keys past it are left out
         self._all_rows = False  # set by partial(): the call covers every sequence, in order
 
     def grow(self, key_mask: torch.Tensor) -> None:
@@ -71,11 +72,15 @@ class KVCache:
 
     # -- set by the loop before each call -------------------------------------------------------
     def fill(self, rows: torch.Tensor) -> "KVCache":
-        self.rows, self.query_pos, self.read_only = rows, None, False
+        self.rows, self.query_pos, self.read_only, self.key_limit = rows, None, False, None
         return self
 
-    def partial(self, rows: torch.Tensor, query_pos: torch.Tensor, read_only: bool = False) -> "KVCache":
-        self.rows, self.query_pos, self.read_only = rows, query_pos, read_only
+    def partial(self, rows: torch.Tensor, query_pos: torch.Tensor, read_only: bool = False,
+                key_limit: int | None = None) -> "KVCache":
+        """The next call computes `query_pos` (rows, q) of `rows`; with `key_limit` its queries attend
+        to the first `key_limit` canvas positions only (a block-causal call: later keys are hidden
+        from every query anyway, so they are left out rather than masked)."""
+        self.rows, self.query_pos, self.read_only, self.key_limit = rows, query_pos, read_only, key_limit
         self._all_rows = rows.shape[0] == self.batch_size and bool(
             (rows == torch.arange(self.batch_size, device=rows.device)).all())
         return self
@@ -92,7 +97,8 @@ class KVCache:
             return query_positions
         if self.positions is None:
             raise ValueError("a block-causal cached call needs the canvas positions (KVCache.layout)")
-        return self.positions if self._all_rows else self.positions[self.rows]
+        positions = self.positions if self._all_rows else self.positions[self.rows]
+        return positions if self.key_limit is None else positions[:, : self.key_limit]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, key_mask):
         """Merge this call's keys/values (rows, kv_heads, q, head_dim) with the stored ones."""
@@ -116,9 +122,15 @@ class KVCache:
             full_k, full_v = stored_k[rows].clone(), stored_v[rows].clone()
             full_k[r, :, index] = k.transpose(1, 2)
             full_v[r, :, index] = v.transpose(1, 2)
-            return full_k, full_v, self.key_mask[rows]
+            return self._limited(full_k, full_v, self.key_mask[rows])
         stored_k[rows[:, None], :, index] = k.transpose(1, 2)
         stored_v[rows[:, None], :, index] = v.transpose(1, 2)
         if self._all_rows:
-            return stored_k, stored_v, self.key_mask
-        return stored_k[rows], stored_v[rows], self.key_mask[rows]
+            return self._limited(stored_k, stored_v, self.key_mask)
+        return self._limited(stored_k[rows], stored_v[rows], self.key_mask[rows])
+
+    def _limited(self, keys, values, key_mask):
+        limit = self.key_limit
+        if limit is None:
+            return keys, values, key_mask
+        return keys[:, :, :limit], values[:, :, :limit], key_mask[:, :limit]
