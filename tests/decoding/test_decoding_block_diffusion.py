@@ -157,3 +157,39 @@ def test_a_prompt_tail_is_never_in_the_answer_the_stream_or_the_trace(family):
     assert len(seq.tokens) == width - lead and blocks[-1] == seq.tokens
     assert seq.trace.tokens_after.shape[1] == width - lead
     assert model.mask_id not in seq.tokens and torch.tensor(seq.tokens).ne(-1).all()
+
+
+@pytest.mark.parametrize("cache", ["none", "dual"])
+def test_the_server_decodes_block_diffusion_requests_as_direct_decodes(family, cache):
+    # requests whose prompts end at different places in their blocks share one continuous decode,
+    # with the family's own decoder as the server's default, and each answer is the direct decode's
+    import threading
+
+    from unmask.serve import GenerationRequest, build_engine
+
+    name, model, block = family
+    engine = build_engine(model, max_batch_size=2, cache=cache)
+    assert engine.config.strategy == model.default_strategy == name
+    jobs = [engine.prepare(GenerationRequest(p, chat=False, gen_length=2 * block, block_length=block, seed=i))
+            for i, p in enumerate(PROMPTS)]
+    for i, job in enumerate(jobs):
+        job.index = i
+    done, events = threading.Event(), []
+
+    def sink(event):
+        events.append(event)
+        if sum(e.kind in ("done", "error") for e in events) == len(jobs):
+            done.set()
+
+    engine.submit(jobs, sink)
+    engine.start()
+    try:
+        assert done.wait(60)
+    finally:
+        engine.stop()
+    for i, prompt in enumerate(PROMPTS):
+        answer = next(e for e in events if e.index == i and e.kind in ("done", "error"))
+        assert answer.kind == "done", answer.message
+        direct = generate(model, [prompt], name, gen_length=2 * block, block_length=block, cache=cache, chat=False,
+                          seed=i).sequences[0]
+        assert answer.text == direct.text

@@ -61,7 +61,7 @@ class EngineStopped(Exception):
 BATCHING = ("continuous", "static")
 # `unmask serve --max-batch-size`: sequences decoding at once. 32 rather than 8: at 32 concurrent
 # clients on the 2-core CPU a batch of 32 gave more completion tokens/s than a batch of 8, with and
-# without the KV cache (README, "Load benchmark"); on a GPU rows in one call are nearly free. Lower
+# without the KV cache (docs/serving.md, "Load benchmark"); on a GPU rows in one call are nearly free. Lower
 # it where memory is short.
 DEFAULT_MAX_BATCH_SIZE = 32
 
@@ -207,7 +207,7 @@ def take_batch(queue: deque, max_batch_size: int, dropped: list | None = None, c
 
 
 # `unmask serve`'s default: the fastest policy within 1 point of low_confidence on the built-in
-# model's test splits, measured on this project's 2-core CPU (README, "A fast default"): TSPD with
+# model's test splits, measured on this project's 2-core CPU (docs/serving.md, "A fast default"): TSPD with
 # CE and the controller that also reads the stability features (a departure from the paper's
 # feature set that makes fewer calls there). It needs that controller beside the model; a model
 # without one gets Fast-dLLM's threshold
@@ -216,10 +216,14 @@ FALLBACK_DEFAULT = "threshold"
 
 
 def serving_default(model) -> str:
-    """The strategy "auto" stands for on `model`: FAST_DEFAULT if it can run there, else FALLBACK_DEFAULT."""
+    """The strategy "auto" stands for on `model`: FAST_DEFAULT if it can run there, else the model
+    family's own decoder where it has one (LLaDA2.x, SDAR, Fast-dLLM v2), else FALLBACK_DEFAULT."""
     from unmask.decoding.registry import parse_strategy
 
-    return FAST_DEFAULT if parse_strategy(FAST_DEFAULT).unavailable(model) is None else FALLBACK_DEFAULT
+    if parse_strategy(FAST_DEFAULT).unavailable(model) is None:
+        return FAST_DEFAULT
+    own = getattr(model, "default_strategy", "low_confidence")
+    return own if own != "low_confidence" else FALLBACK_DEFAULT
 
 
 def _temperature(job: Job) -> float:

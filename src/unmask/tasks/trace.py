@@ -176,7 +176,7 @@ class TraceTask(GeneratedTask):
       `so p is z .`; `named` always writes `so p is z .`, so the answer follows the printed
       variable's name and its value is the same lookup of a name's last value as an operand's.
       Without it, a model that traces right still tends to answer with the last value it computed
-      when the program prints an earlier variable (see the README's built-in model);
+      when the program prints an earlier variable (see docs/builtin.md);
     - `stop_early`: whether a trace always stops at the printed variable's last assignment,
       leaving out the statements after it, which cannot change the printed value (default false:
       they are skipped like any other such statement, with chance `skip`). With `skip=0` a trace
@@ -186,7 +186,7 @@ class TraceTask(GeneratedTask):
     At the defaults the family has all the variety the module docstring lists. `trace:skip=0,
     free_order=false` keeps the phrasings, connectives, opening and closing but fixes which lines a
     trace has and their order, so line k of a trace is statement k of the program. The built-in
-    model's last runs narrowed it step by step (see the README's built-in model): `named=0.75`,
+    model's last runs narrowed it step by step (see docs/builtin.md): `named=0.75`,
     then `closing=named,stop_early=true`.
     """
 
@@ -259,7 +259,7 @@ class TraceTask(GeneratedTask):
         """Statements minus one (1..3), doubled when the printed variable is not the last one assigned.
 
         Both are where the built-in model fails: its accuracy falls with program length, and most
-        of all when the answer is an earlier variable's value (see the README's built-in model).
+        of all when the answer is an earlier variable's value (see docs/builtin.md).
         """
         statements, printed = parse_program(problem.question)
         return (len(statements) - 1) * (2.0 if printed != statements[-1].target else 1.0)

@@ -21,7 +21,7 @@ blocks (of `block_length`, aligned to the response start as the loop aligns them
 before k clean, block k masked with ratio p_mask (weight 1 / p_mask, as above) and every later
 position masked (weight 1: it is masked with probability 1). The remaining rows stay uniform, so
 any-order canvases (drafts, out-of-block commits) are still trained. Choice and measurement: the
-README's built-in model section.
+docs/builtin.md.
 
 Checkpoints: every `save_every` steps and at the end the model is written to `out` in Hugging Face
 layout (`config.json`, `model.safetensors`, tokenizer files) and the optimizer, step and random
@@ -59,7 +59,7 @@ def _finite_number(value) -> bool:
 
 @dataclass
 class TrainConfig:
-    """Every knob of `unmask train sft` (the built-in model's own settings are in the README)."""
+    """Every knob of `unmask train sft` (the built-in model's own settings are in docs/builtin.md)."""
 
     out: str = "train_out"
     init: str | None = None  # checkpoint to fine-tune (path, hub id or "builtin"); None: fresh network
