@@ -22,8 +22,9 @@ class FastDLLMv2Config(PolicyConfig):
 
 @register_policy
 class FastDLLMv2(Policy):
-    """Fast-dLLM v2's decoder (its checkpoints' `generate`): each block of 32 is decoded in
-    sub-blocks of 8, left to right; each call commits, in the first sub-block that still holds a
+    """Fast-dLLM v2's decoder: sub-blocks left to right, the current one's confident masks and its best.
+
+    From its checkpoints' `generate`: each block of 32 is decoded in sub-blocks of 8, left to right; each call commits, in the first sub-block that still holds a
     mask, every masked position whose confidence is above 0.9 and always the most confident one.
     The reference's own default is 1 (one position per call); 0.9 is the setting its README, chat
     demo and evaluation script use. On a Fast-dLLM v2 model the loop adds the family's block

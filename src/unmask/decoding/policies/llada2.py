@@ -18,7 +18,9 @@ class LLaDA2Config(PolicyConfig):
 
 @register_policy
 class LLaDA2(Policy):
-    """LLaDA2.0's decoder (`generate` of the LLaDA2.0 checkpoints): per block of 32, each call
+    """LLaDA2.0's decoder: the masked positions above 0.95, else the step's minimum count.
+
+    From `generate` of the LLaDA2.0 checkpoints: per block of 32, each call
     commits every masked position whose confidence is above 0.95 when there are at least as many as
     the step's minimum count, else that many most confident ones; the minimum is the block split
     evenly over `steps` calls (32 by default: one position per call). On a LLaDA2 model a finished

@@ -26,7 +26,9 @@ class LLaDA21Config(PolicyConfig):
 
 @register_policy
 class LLaDA21(Policy):
-    """LLaDA2.1's decoder with token editing (`generate` of the LLaDA2.1 checkpoints).
+    """LLaDA2.1's decoder with token editing: fills confident masks, rewrites tokens it now doubts.
+
+    From `generate` of the LLaDA2.1 checkpoints.
 
     From one call's logits, two updates at once: every masked position above `threshold` is filled
     (at least `num_to_transfer`, the most confident), and every already decided position of the

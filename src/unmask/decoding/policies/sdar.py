@@ -29,7 +29,9 @@ class SDARPolicyConfig(PolicyConfig):
 
 @register_policy
 class SDAR(Policy):
-    """SDAR's decoder (JetAstra/SDAR `generate.py` and the authors' evaluation path): per block of 4
+    """SDAR's decoder: low_confidence_dynamic (above 0.85, else the step's minimum), static or entropy-bounded.
+
+    From JetAstra/SDAR's `generate.py` and the authors' evaluation path: per block of 4
     with 4 denoising calls, the step's minimum count is the block split evenly over the calls.
 
     - dynamic (default, `low_confidence_dynamic` at 0.85): every masked position whose confidence
