@@ -6,7 +6,6 @@ from the growth rule (a full table grows by the larger of what is missing and it
 from __future__ import annotations
 
 import pytest
-import torch
 
 from unmask.decoding import DecodeConfig, generate
 from unmask.decoding.loop import Decoder, encode_prompts

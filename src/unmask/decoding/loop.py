@@ -208,7 +208,7 @@ class Decoder:
 
     # --- one step ------------------------------------------------------------------------------
     def _step(self, step: int) -> None:
-        table, model = self.table, self.model
+        table = self.table
         idx = table.live()
         self.step_rows = int(idx.shape[0])  # sequences in this step's model call
         if self.blocks is not None:

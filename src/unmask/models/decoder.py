@@ -138,15 +138,7 @@ class DecoderNetwork(nn.Module):
         return self.head(hidden) if project else hidden
 
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
-        """Random weights for tests and tiny checkpoints: norms near 1, everything else N(0, std)
-        (biases and expert biases included, so that tests exercise them)."""
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        with torch.no_grad():
-            for name, param in self.named_parameters():
-                if name.endswith("norm.weight"):
-                    param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=gen))
-                else:
-                    param.copy_(torch.randn(param.shape, generator=gen) * std)
+        random_init(self, std, seed)
 
 
 def check_common(raw: dict, source: str, family: str) -> None:
@@ -179,3 +171,28 @@ def stop_ids_with(eos, tokenizer, *turn_ends: str, source: str) -> tuple[int, ..
         raise UnmaskError(f"the {source} checkpoint declares no eos_token_id and its tokenizer has none of "
                           f"{', '.join(turn_ends)}; add eos_token_id to config.json")
     return tuple(stop)
+
+
+def family_ids(tokenizer, *, mask_id, mask_token: str, default_mask: int, eos, turn_ends: tuple[str, ...], pad_id,
+               max_length: int, source: str, pad_last: bool = False) -> dict:
+    """A family's special ids for `DiffusionLM`: the mask id (config.json's, else the tokenizer's
+    `mask_token`, else the family's `default_mask`), the stop ids (config.json's EOS and those of
+    `turn_ends` the tokenizer has), the pad id (config.json's, else the first stop id, or the last
+    with `pad_last`) and the context."""
+    mask = mask_id if mask_id is not None else tokenizer.token_id(mask_token)
+    mask = default_mask if mask is None else mask
+    stop = stop_ids_with(eos, tokenizer, *turn_ends, source=source)
+    pad = pad_id if pad_id is not None else stop[-1 if pad_last else 0]
+    return dict(mask_id=int(mask), eos_id=int(stop[0]), stop_ids=stop, pad_id=int(pad), max_length=int(max_length))
+
+
+def random_init(network: nn.Module, std: float, seed: int | None) -> None:
+    """Random weights for tests and tiny checkpoints: norms near 1, everything else N(0, std)
+    (biases and expert biases included, so that tests exercise them)."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    with torch.no_grad():
+        for name, param in network.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=gen))
+            else:
+                param.copy_(torch.randn(param.shape, generator=gen) * std)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from unmask.errors import UnmaskError
 from unmask.models.base import BlockDiffusion
-from unmask.models.decoder import DecoderNetwork, LayerMLP, Layout, check_common, stop_ids_with
+from unmask.models.decoder import DecoderNetwork, LayerMLP, Layout, check_common, family_ids
 from unmask.models.loading import Architecture, register_architecture
 
 MASK_TOKEN = "|<MASK>|"
@@ -67,13 +67,10 @@ def _is_fastdllm_v2(raw: dict) -> bool:
 
 
 def _special_ids(cfg: FastDLLMv2Config, raw: dict, tokenizer) -> dict:
-    mask = cfg.mask_token_id if cfg.mask_token_id is not None else tokenizer.token_id(MASK_TOKEN)
-    mask = DEFAULT_MASK_ID if mask is None else mask
     # the reference decoders stop on <|im_end|> only (config.json's eos_token_id)
-    stop = stop_ids_with(cfg.eos_token_id, tokenizer, source="Fast-dLLM v2")
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else stop[0]
-    return dict(mask_id=int(mask), eos_id=int(stop[0]), stop_ids=stop, pad_id=int(pad),
-                max_length=cfg.max_position_embeddings)
+    return family_ids(tokenizer, mask_id=cfg.mask_token_id, mask_token=MASK_TOKEN, default_mask=DEFAULT_MASK_ID,
+                      eos=cfg.eos_token_id, turn_ends=(), pad_id=cfg.pad_token_id,
+                      max_length=cfg.max_position_embeddings, source="Fast-dLLM v2")
 
 
 FASTDLLM_V2 = register_architecture(

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
 from unmask.errors import UnmaskError
 from unmask.models.base import BlockDiffusion
-from unmask.models.decoder import check_common, stop_ids_with
+from unmask.models.decoder import check_common, family_ids, random_init
 from unmask.models.layers import RMSNorm, SelfAttention, rope_cos_sin
 from unmask.models.loading import Architecture, register_architecture
 from unmask.models.moe import RouterConfig, SparseMoE, SwiGLU
@@ -188,13 +187,7 @@ class LLaDA2Network(nn.Module):
         return self.head(hidden) if project else hidden
 
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        with torch.no_grad():
-            for name, param in self.named_parameters():
-                if name.endswith("norm.weight"):
-                    param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=gen))
-                else:
-                    param.copy_(torch.randn(param.shape, generator=gen) * std)
+        random_init(self, std, seed)
 
 
 def _is_llada2(raw: dict) -> bool:
@@ -203,12 +196,9 @@ def _is_llada2(raw: dict) -> bool:
 
 
 def _special_ids(cfg: LLaDA2Config, raw: dict, tokenizer) -> dict:
-    mask = cfg.mask_token_id if cfg.mask_token_id is not None else tokenizer.token_id(MASK_TOKEN)
-    mask = DEFAULT_MASK_ID if mask is None else mask
-    stop = stop_ids_with(cfg.eos_token_id, tokenizer, END_OF_TURN, source="LLaDA2")
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else stop[0]
-    return dict(mask_id=int(mask), eos_id=int(stop[0]), stop_ids=stop, pad_id=int(pad),
-                max_length=cfg.max_position_embeddings)
+    return family_ids(tokenizer, mask_id=cfg.mask_token_id, mask_token=MASK_TOKEN, default_mask=DEFAULT_MASK_ID,
+                      eos=cfg.eos_token_id, turn_ends=(END_OF_TURN,), pad_id=cfg.pad_token_id,
+                      max_length=cfg.max_position_embeddings, source="LLaDA2")
 
 
 LLADA2 = register_architecture(

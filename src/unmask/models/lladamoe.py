@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from unmask.errors import UnmaskError
-from unmask.models.decoder import DecoderNetwork, LayerMLP, Layout, check_common, stop_ids_with
+from unmask.models.decoder import DecoderNetwork, LayerMLP, Layout, check_common, family_ids
 from unmask.models.loading import Architecture, register_architecture
 from unmask.models.moe import RouterConfig
 
@@ -96,13 +96,10 @@ def _is_lladamoe(raw: dict) -> bool:
 
 
 def _special_ids(cfg: LLaDAMoEConfig, raw: dict, tokenizer) -> dict:
-    mask = cfg.mask_token_id if cfg.mask_token_id is not None else tokenizer.token_id(MASK_TOKEN)
-    mask = DEFAULT_MASK_ID if mask is None else mask
     eos = cfg.eos_token_id if cfg.eos_token_id is not None else tokenizer.hf.eos_token_id
-    stop = stop_ids_with(eos, tokenizer, END_OF_TURN, source="LLaDA-MoE")
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else stop[0]
-    return dict(mask_id=int(mask), eos_id=int(stop[0]), stop_ids=stop, pad_id=int(pad),
-                max_length=cfg.max_position_embeddings)
+    return family_ids(tokenizer, mask_id=cfg.mask_token_id, mask_token=MASK_TOKEN, default_mask=DEFAULT_MASK_ID,
+                      eos=eos, turn_ends=(END_OF_TURN,), pad_id=cfg.pad_token_id,
+                      max_length=cfg.max_position_embeddings, source="LLaDA-MoE")
 
 
 LLADAMOE = register_architecture(
