@@ -58,7 +58,7 @@ class SDAR(Policy):
         if cfg.rule == "static":
             return Decision(commit=top_k_mask(view.confidence, view.masked, torch.minimum(k, view.masked.sum(-1))))
         entropy = view.entropy.masked_fill(~view.masked, float("inf"))
-        order = entropy.argsort(-1, stable=True)
+        order = torch.sort(entropy, dim=-1, stable=True).indices
         sorted_entropy = entropy.gather(-1, order)
         running = sorted_entropy.cumsum(-1)
         count = (running < cfg.eb_threshold).sum(-1).clamp(min=1)
