@@ -44,14 +44,19 @@ def test_llada2_routing_limits_groups_uses_the_bias_for_the_choice_only_renormal
     assert weights[0].tolist() == pytest.approx([2.5 * s[3] / total, 2.5 * s[2] / total], abs=1e-6)
 
 
-@pytest.mark.parametrize("tokens", [3, 200])  # a few rows per expert (padded products) and many (slices)
-def test_grouped_experts_are_the_sum_over_each_tokens_experts(tokens):
+# (tokens, skewed, the way it takes): a few rows per expert run as padded products; many run per
+# expert; so do a few tokens that all pick the same experts (the busiest would take 100 padded rows
+# per expert, more than BUSIEST_PADDED = 64)
+@pytest.mark.parametrize("tokens,skewed,way", [(3, False, "_padded"), (250, False, "_slices"), (100, True, "_slices")])
+def test_grouped_experts_are_the_sum_over_each_tokens_experts(tokens, skewed, way, monkeypatch):
     torch.manual_seed(0)
-    layer = Experts(6, 8, 5)
+    n = 40  # 16 x 40 = 640 assignments may be padded: 3 x 3 and 100 x 3 are under it, 250 x 3 is not
+    layer = Experts(n, 8, 5)
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.5)
     x = torch.randn(tokens, 8)
-    experts = torch.stack([torch.randperm(6)[:3] for _ in range(tokens)])
+    experts = (torch.tensor([[4, 9, 1]]).expand(tokens, 3) if skewed
+               else torch.stack([torch.randperm(n)[:3] for _ in range(tokens)]))
     weights = torch.rand(tokens, 3)
     want = torch.zeros(tokens, 8)
     for t in range(tokens):
@@ -59,8 +64,12 @@ def test_grouped_experts_are_the_sum_over_each_tokens_experts(tokens):
             e = int(experts[t, j])
             gate, up = layer.gate_up[e, :5], layer.gate_up[e, 5:]
             want[t] += weights[t, j] * (layer.down_proj[e] @ (F.silu(gate @ x[t]) * (up @ x[t])))
-    assert (tokens * 3 <= Experts.PADDED_ROWS * 6) == (tokens == 3)  # each size takes its own way
+    taken = []
+    for name in ("_padded", "_slices"):
+        real = getattr(layer, name)
+        monkeypatch.setattr(layer, name, lambda *a, real=real, name=name: taken.append(name) or real(*a))
     torch.testing.assert_close(layer(x, experts, weights), want, atol=1e-5, rtol=1e-5)
+    assert taken == [way]
 
 
 def test_expert_weights_keep_the_checkpoints_names():

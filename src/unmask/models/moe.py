@@ -40,8 +40,11 @@ class Experts(nn.Module):
 
     # rows per expert, on average, up to which the experts run as batched products over one padded
     # (experts, busiest expert's rows, hidden) buffer; past it, as one product per expert over its
-    # contiguous rows of the sorted tokens (a padded buffer's elementwise passes then cost more)
+    # contiguous rows of the sorted tokens (a padded buffer's elementwise passes then cost more).
+    # A skewed routing whose busiest expert takes more than BUSIEST_PADDED rows also runs per expert,
+    # so the padded buffer never outgrows experts x BUSIEST_PADDED rows.
     PADDED_ROWS = 16
+    BUSIEST_PADDED = 64
 
     def __init__(self, n: int, hidden: int, inter: int):
         super().__init__()
@@ -59,8 +62,9 @@ class Experts(nn.Module):
         order = torch.argsort(flat, stable=True)  # assignments grouped by expert
         source = order // k  # the token of each grouped assignment
         counts = torch.bincount(flat, minlength=self.n)
-        if flat.numel() <= self.PADDED_ROWS * self.n:
-            out = self._padded(x, flat[order], counts, source)
+        busiest = int(counts.max())
+        if flat.numel() <= self.PADDED_ROWS * self.n and busiest <= self.BUSIEST_PADDED:
+            out = self._padded(x, flat[order], counts, source, busiest)
         else:
             out = self._slices(x[source], counts)
         result = torch.zeros_like(x)
@@ -71,11 +75,11 @@ class Experts(nn.Module):
         gate, up = h.split(self.inter, dim=-1)
         return (F.silu(gate) * up) @ down
 
-    def _padded(self, x, expert_of, counts, source):
+    def _padded(self, x, expert_of, counts, source, busiest: int):
         """Three batched products over the tokens gathered into (experts, busiest's rows, hidden)."""
         first = torch.cumsum(counts, 0) - counts
         slot = torch.arange(expert_of.shape[0], device=x.device) - first[expert_of]  # row in its expert's group
-        grouped = x.new_zeros((self.n, int(counts.max()), self.hidden))
+        grouped = x.new_zeros((self.n, busiest, self.hidden))
         grouped[expert_of, slot] = x[source]
         out = self._swiglu(torch.bmm(grouped, self.gate_up.transpose(1, 2)), self.down_proj.transpose(1, 2))
         return out[expert_of, slot]
