@@ -193,3 +193,65 @@ def test_the_server_decodes_block_diffusion_requests_as_direct_decodes(family, c
         direct = generate(model, [prompt], name, gen_length=2 * block, block_length=block, cache=cache, chat=False,
                           seed=i).sequences[0]
         assert answer.text == direct.text
+
+
+@pytest.fixture(scope="module")
+def llada2():
+    return load_model(str(FIXTURES / "llada2" / "checkpoint"), device="cpu")  # blocks of 8
+
+
+def test_the_server_counts_a_prompt_tail_in_whole_blocks_against_the_context(llada2):
+    # blocks of 8, an 11-token prompt (one whole block and a tail of 3), gen_length 16: the prompt
+    # region keeps 8 tokens and the generation region takes 3 + 16 = 19 positions, in whole blocks
+    # 24, so the canvas is 8 + 24 = 32 positions, not 11 + 16 = 27
+    from dataclasses import replace
+
+    from unmask.errors import UnmaskError
+    from unmask.serve import GenerationRequest, build_engine
+    from unmask.serve.engine import canvas_fits
+
+    prompt = list(range(20, 31))
+    request = dict(chat=False, gen_length=16, block_length=8, strategy="low_confidence")
+    with pytest.raises(UnmaskError, match="takes 32 positions in whole blocks of 8, more than the model's context of 30"):
+        build_engine(replace(llada2, max_length=30)).prepare(GenerationRequest(prompt, **request))
+    engine = build_engine(replace(llada2, max_length=32))
+    tail = engine.prepare(GenerationRequest(prompt, **request))
+    assert tail.region == (8, 24)
+    # a 16-token prompt ends on a block boundary: (16, 16). Together, 16 + 24 = 40 positions
+    whole = engine.prepare(GenerationRequest(list(range(20, 36)), **request))
+    assert whole.region == (16, 16)
+    assert canvas_fits([tail], 36) and canvas_fits([whole], 36)
+    assert not canvas_fits([tail, whole], 39) and canvas_fits([tail, whole], 40)
+
+
+def test_steps_split_over_the_blocks_that_hold_the_prompt_tail(llada2):
+    # low_confidence with steps=N splits N calls over a sequence's blocks. gen_length 16 in blocks
+    # of 8 after an 11-token prompt takes 3 blocks (a tail of 3 + 16 = 19 positions): steps=3 is one
+    # call per block (3 calls, 21 tokens: 5 + 8 + 8); steps=2 cannot split over 3 blocks and is
+    # refused before any call, by a direct decode and by the server alike. A 16-token prompt's 16
+    # tokens take 2 blocks: steps=2 decodes in 2 calls and steps=3 is refused.
+    from unmask.errors import UnmaskError
+    from unmask.serve import GenerationRequest, build_engine
+
+    engine = build_engine(llada2)
+    for prompt, good, bad, blocks in ((list(range(20, 31)), 3, 2, 3), (list(range(20, 36)), 2, 3, 2)):
+        seq = generate(llada2, [prompt], f"low_confidence:steps={good}", gen_length=16, block_length=8,
+                       early_stop=False, chat=False).sequences[0]
+        assert (seq.nfe, len(seq.tokens)) == (good, 8 * blocks - len(prompt) % 8)
+        with pytest.raises(UnmaskError, match=f"steps {bad} must be a multiple of the number of blocks \\({blocks}\\)"):
+            generate(llada2, [prompt], f"low_confidence:steps={bad}", gen_length=16, block_length=8, chat=False)
+        with pytest.raises(UnmaskError, match=f"steps {bad} must be a multiple of the number of blocks \\({blocks}\\)"):
+            engine.prepare(GenerationRequest(prompt, chat=False, gen_length=16, block_length=8,
+                                             strategy=f"low_confidence:steps={bad}"))
+
+
+def test_one_shot_attends_in_the_models_own_blocks(llada2):
+    # one_shot's one block is the whole generation, but the model still attends in blocks of its own
+    # length (8 here): an 11-token prompt keeps a tail of 3 in the generation region, and gen_length 24
+    # takes ceil((3 + 24) / 8) = 4 blocks, 32 positions, 29 of them generated, all in one call
+    from unmask.decoding.rows import RowTable
+
+    seq = generate(llada2, [list(range(20, 31))], "one_shot", gen_length=24, chat=False).sequences[0]
+    assert (seq.nfe, len(seq.tokens)) == (1, 29)
+    cfg = DecodeConfig(gen_length=24).resolved(llada2.defaults, whole_generation=True)
+    assert RowTable(llada2, parse_strategy("one_shot"), cfg, record_trace=False, use_cache=False).attn_block == 8

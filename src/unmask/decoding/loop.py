@@ -22,7 +22,6 @@ seeded with its seed, so a prompt decodes to the same tokens alone or in any bat
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from typing import Callable, Sequence
 
 import torch
@@ -32,7 +31,8 @@ from unmask.decoding.calls import ModelCalls, Said
 from unmask.decoding.config import DecodeConfig
 from unmask.decoding.policies.base import Decision, Policy, StepView, most_confident
 from unmask.decoding.results import DecodeResult, SequenceResult, sequence_result
-from unmask.decoding.rows import Joiner, RowTable, grow_state, narrow_state, reset_rows, widen_state
+from unmask.decoding.rows import (Joiner, RowTable, attention_block, grow_state, narrow_state, region_config,
+                                  region_split, reset_rows, widen_state)
 from unmask.decoding.sampling import gumbel_candidates
 from unmask.decoding.stats import token_stats
 from unmask.decoding.verify import verify
@@ -172,8 +172,8 @@ class Decoder:
         if len(lengths) != n:
             raise UnmaskError(f"{len(lengths)} gen_lengths for {n} prompts", field="gen_length")
         self._checked_lengths: set[int] = set()
-        for g in lengths:
-            self._check_length(g)
+        for p, g in zip(prompt_ids, lengths):
+            self._check_length(g, len(p))
         return [Joiner(i, p, s, t, g) for i, (p, s, t, g) in enumerate(zip(prompt_ids, seeds, temps, lengths))]
 
     def _admit(self, admit) -> None:
@@ -187,24 +187,26 @@ class Decoder:
         for j in offered:
             temperature = float(j[2]) if len(j) > 2 and j[2] is not None else own
             gen_length = int(j[3]) if len(j) > 3 and j[3] is not None else int(self.config.gen_length)
-            self._check_length(gen_length)
+            self._check_length(gen_length, len(j[0]))
             joiners.append(Joiner(self.taken + len(joiners), list(j[0]), int(j[1]), temperature, gen_length))
         table.add(joiners)
         self.taken += len(joiners)
 
-    def _check_length(self, gen_length) -> None:
+    def _check_length(self, gen_length, prompt_len: int) -> None:
         """A sequence's own generation length: a positive multiple of the block length that the
-        policy can decode (its steps split over the blocks)."""
+        policy can decode (its steps split over the blocks of its generation region, which for a
+        block-diffusion model also holds the prompt's tail)."""
         cfg, policy = self.config, self.policy
         if isinstance(gen_length, bool) or not isinstance(gen_length, int) or gen_length <= 0:
             raise UnmaskError(f"gen_length must be a positive integer, got {gen_length!r}", field="gen_length")
         if not policy.whole_generation and gen_length % cfg.block_length:
             raise UnmaskError(f"block_length {cfg.block_length} does not divide gen_length {gen_length}; "
                               "pick a gen_length that is a multiple of the block length", field="gen_length")
-        if gen_length not in self._checked_lengths:
-            block = gen_length if policy.whole_generation else cfg.block_length
-            policy.check_lengths(self.model, replace(cfg, gen_length=gen_length, block_length=block))
-            self._checked_lengths.add(gen_length)
+        _, width = region_split(prompt_len, gen_length, attention_block(self.model, policy.whole_generation,
+                                                                        cfg.block_length))
+        if width not in self._checked_lengths:
+            policy.check_lengths(self.model, region_config(cfg, width, policy.whole_generation))
+            self._checked_lengths.add(width)
 
     # --- one step ------------------------------------------------------------------------------
     def _step(self, step: int) -> None:
@@ -431,11 +433,11 @@ class Decoder:
         for j, slot in enumerate(idx.tolist()):
             lead, own = int(table.lead[slot]), int(table.row_gen[slot])  # its own generation, the prompt tail left out
             table.trace_rows[slot].append(dict(
-                top1=gen_top1[j, lead:own].cpu().numpy(),
+                top1=gen_top1[j, lead:own].cpu().numpy().copy(),
                 confidence=table.known_top1_prob[slot, lead:own].cpu().numpy().copy(),
                 margin=table.known_margin[slot, lead:own].cpu().numpy().copy(),
                 entropy=table.known_entropy[slot, lead:own].cpu().numpy().copy(),
-                masked_before=masked_before[j, lead:own].cpu().numpy(),
+                masked_before=masked_before[j, lead:own].cpu().numpy().copy(),
                 tokens_after=table.gen_view[slot, lead:own].cpu().numpy().copy(),
                 block=int(table.block_idx[slot]),
             ))

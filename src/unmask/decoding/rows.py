@@ -27,7 +27,7 @@ the block completes, so nothing here grows with the decode's history.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -77,6 +77,31 @@ GEN_FIELDS = {
 TRACE_FIELDS = ("top1_prob", "margin", "entropy")  # kept only when the trace is recorded
 
 
+def attention_block(model, whole_generation: bool, block_length: int) -> int | None:
+    """A block-diffusion model's attention block in a decode: the decode's block length, or, under a
+    whole-generation policy (whose one block is the whole generation), the model's own default block
+    length; None for a bidirectional model."""
+    if model.block_diffusion is None:
+        return None
+    return int(model.defaults.block_length) if whole_generation else int(block_length)
+
+
+def region_split(prompt_len: int, gen_length: int, attn_block: int | None) -> tuple[int, int]:
+    """(prompt tokens in the prompt region, generation region width) of one sequence: for a block-
+    diffusion model (`attn_block` set) the prompt's tail past its last whole block moves into the
+    generation region, which grows to as many whole blocks as hold that tail and `gen_length` tokens."""
+    if attn_block is None:
+        return prompt_len, gen_length
+    lead = prompt_len % attn_block
+    return prompt_len - lead, -(-(lead + gen_length) // attn_block) * attn_block
+
+
+def region_config(config, width: int, whole_generation: bool):
+    """`config` for one sequence's generation region of `width` positions (what a policy's
+    `check_lengths` is asked about): a whole-generation policy's one block is that region."""
+    return replace(config, gen_length=width, block_length=width if whole_generation else config.block_length)
+
+
 class RowTable:
     """Slots of one decode: canvas, counters, per-position buffers, generators and the policy's state.
 
@@ -116,8 +141,8 @@ class RowTable:
         self.joined_at: list[float] = []
         self.state: Any = policy.init_state(0, 0, self.device)
         self.cache = KVCache(0, self.attention, self.positions) if use_cache else None
-        # a block-diffusion model's attention blocks: the decode's block length, anchored at position 0
-        self.attn_block = int(config.block_length) if model.block_diffusion is not None else None
+        # a block-diffusion model's attention blocks, anchored at position 0
+        self.attn_block = attention_block(model, self.whole, config.block_length)
 
     # --- views ---------------------------------------------------------------------------------
     @property
@@ -151,11 +176,7 @@ class RowTable:
         """(prompt tokens in the prompt region, generation region width) of a joiner: for a block-
         diffusion model the prompt's tail past its last whole block moves into the generation
         region, which grows to whole blocks."""
-        if self.attn_block is None:
-            return len(j.prompt), j.gen_length
-        lead = len(j.prompt) % self.attn_block
-        width = -(-(lead + j.gen_length) // self.attn_block) * self.attn_block
-        return len(j.prompt) - lead, width
+        return region_split(len(j.prompt), j.gen_length, self.attn_block)
 
     def check_fits(self, joiners: list[Joiner], width: int = 0) -> None:
         """Refuse joiners that would widen the canvas past the model's context."""

@@ -153,6 +153,14 @@ class Job:
     id: int = 0
     continuous: bool = False  # it may share a decode with other seeds and join a running one
     answered: bool = False  # its last event (done, error, cancelled) was sent
+    # (prompt positions, generation positions) it takes in a canvas; None: (its prompt, its gen_length).
+    # A block-diffusion model's prompt tail past its last whole block moves into the generation
+    # region, which grows to whole blocks.
+    region: tuple[int, int] | None = None
+
+    @property
+    def canvas_region(self) -> tuple[int, int]:
+        return self.region if self.region is not None else (len(self.prompt_ids), self.key.gen_length)
 
     def cancel(self) -> None:
         """The client went away: drop the job from the queue, or its sequence from the running decode."""
@@ -182,9 +190,12 @@ def _take(queue: deque, accept: Callable[[Job, list[Job]], bool], dropped: list 
 
 
 def canvas_fits(jobs: Sequence[Job], context: int | None) -> bool:
-    """Whether one decode's canvas can hold `jobs`: prompts left padded to the longest, generations
-    right padded to the longest, within `context` positions (None: no limit)."""
-    return context is None or max(len(j.prompt_ids) for j in jobs) + max(j.key.gen_length for j in jobs) <= context
+    """Whether one decode's canvas can hold `jobs`: prompt regions left padded to the longest,
+    generation regions right padded to the longest, within `context` positions (None: no limit)."""
+    if context is None:
+        return True
+    regions = [j.canvas_region for j in jobs]
+    return max(p for p, _ in regions) + max(g for _, g in regions) <= context
 
 
 def take_batch(queue: deque, max_batch_size: int, dropped: list | None = None, context: int | None = None) -> list[Job]:
@@ -326,6 +337,7 @@ class Engine:
     def prepare(self, request: GenerationRequest) -> Job:
         """Validate `request` (policy, lengths, prompt) and turn it into a job. Raises UnmaskError."""
         from unmask.decoding.config import DecodeConfig
+        from unmask.decoding.rows import attention_block, region_config, region_split
 
         model = self.model
         policy = self._policy(request)
@@ -346,22 +358,29 @@ class Engine:
                 f"prompt (at most {room}); lower max_tokens",
                 field="max_tokens",
             )
+        field_ = "gen_length" if request.gen_length is not None else request.prompt_field
         if config.gen_length > room:
-            field_ = "gen_length" if request.gen_length is not None else request.prompt_field
             raise UnmaskError(
                 f"the prompt ({len(prompt_ids)} tokens) plus gen_length {config.gen_length} exceeds the model's "
                 f"context of {model.max_length}; shorten the prompt or lower gen_length",
                 field=field_,
             )
+        attn_block = attention_block(model, policy.whole_generation, config.block_length)
+        head, width = region_split(len(prompt_ids), config.gen_length, attn_block)
+        if head + width > model.max_length:  # a block-diffusion canvas holds whole blocks
+            raise UnmaskError(
+                f"the prompt ({len(prompt_ids)} tokens) plus gen_length {config.gen_length} takes {head + width} "
+                f"positions in whole blocks of {attn_block}, more than the model's context of {model.max_length}; "
+                "shorten the prompt or lower gen_length", field=field_)
         # a step count that cannot split over this request's blocks fails here, never in a shared decode
-        policy.check_lengths(model, config)
+        policy.check_lengths(model, region_config(config, width, policy.whole_generation))
         params = policy.params
         key = BatchKey(policy.name, json.dumps(params, sort_keys=True, default=str), config.gen_length,
                        config.block_length, config.seed, config.cache, policy.whole_generation)
         tracker = AnswerTracker(self._decode_text, model.stop_ids, request.max_tokens, request.stop)
         continuous = self.config.batching == "continuous" and policy.continuous
         return Job(prompt_ids=prompt_ids, key=key, strategy=policy.name, params=params, tracker=tracker,
-                   continuous=continuous)
+                   continuous=continuous, region=(head, width))
 
     def submit(self, jobs: Sequence[Job], sink: Callable[[Event], None]) -> None:
         """Queue `jobs` (all or none). Raises QueueFull when they do not fit."""

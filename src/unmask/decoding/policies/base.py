@@ -163,14 +163,15 @@ class Policy:
         """Called once per decode before the first step (the oracle runs its reference here).
 
         `decode_config.gen_length` is the canvas; `gen_lengths` each prompt's own generation length
-        (None: the canvas for all).
+        (None: the canvas for all). Lengths are checked per sequence by `check_lengths`, which the
+        loop calls for every sequence's own generation region before it decodes it.
         """
-        self.check_lengths(model, decode_config)
 
     def check_lengths(self, model, decode_config) -> None:
-        """Raise UnmaskError if this policy cannot decode a sequence of `decode_config.gen_length`
-        in its blocks (a step count that does not split over them). The loop asks for every
-        sequence's own length before it decodes it, and the server for every request."""
+        """Raise UnmaskError if this policy cannot decode a generation region of
+        `decode_config.gen_length` positions in its blocks (a step count that does not split over
+        them). The loop asks for every sequence's own region before it decodes it (a block-diffusion
+        model's holds the prompt's tail too), and the server for every request."""
 
     def unavailable(self, model) -> str | None:
         """Why this policy cannot decode with `model` (a missing trained part), or None if it can."""

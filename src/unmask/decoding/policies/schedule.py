@@ -180,7 +180,6 @@ class ScheduledPolicy(Policy):
             self.config.check_llada()
         else:
             self.check_dream()
-        self.check_lengths(model, decode_config)
 
     def check_lengths(self, model, decode_config) -> None:
         """`steps` must split evenly over the blocks of a `decode_config.gen_length` generation, and
