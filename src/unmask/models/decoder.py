@@ -98,28 +98,19 @@ class DecoderLayer(nn.Module):
         return x + out
 
 
-class DecoderNetwork(nn.Module):
-    """input ids -> logits (batch, seq, vocab); parameter names match the Qwen-style checkpoints."""
+class StackedNetwork(nn.Module):
+    """Embeddings, layers and a final norm under `model`, and `lm_head` unless the embeddings are
+    tied: the body / head split the decode loop uses. A subclass builds them and sets `embed_name`,
+    `rotary_dim`, `rope_theta`, `tied` and `block_causal`."""
 
-    def __init__(self, lay: Layout):
-        super().__init__()
-        self.layout = lay
-        self.vocab_size = lay.vocab_size
-        self.block_causal = lay.block_causal
-        self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(lay.vocab_size, lay.hidden_size)
-        self.model.layers = nn.ModuleList(DecoderLayer(lay, i) for i in range(lay.num_layers))
-        self.model.norm = RMSNorm(lay.hidden_size, lay.rms_norm_eps, lay.norm_weight_in_float32)
-        if not lay.tie_word_embeddings:
-            self.lm_head = nn.Linear(lay.hidden_size, lay.vocab_size, bias=False)
+    embed_name = "embed_tokens"
 
     def body(self, input_ids, position_ids, key_mask=None, cache=None, keep=None, attn_block=None):
         """Final (normed) hidden states (batch, seq, hidden), or only at `keep` (batch, q).
-        `attn_block`: the block length of block-causal attention (None: bidirectional)."""
-        lay = self.layout
-        x = self.model.embed_tokens(input_ids)
-        rope = rope_cos_sin(position_ids, lay.rotary_dim or lay.head_dim, lay.rope_theta, x.dtype)
-        attn_block = attn_block if lay.block_causal else None
+        `attn_block`: the block length of block-causal attention (ignored by a bidirectional network)."""
+        x = getattr(self.model, self.embed_name)(input_ids)
+        rope = rope_cos_sin(position_ids, self.rotary_dim, self.rope_theta, x.dtype)
+        attn_block = attn_block if self.block_causal else None
         for layer in self.model.layers:
             x = layer(x, rope, key_mask, cache, position_ids, attn_block)
         if keep is not None:
@@ -128,8 +119,8 @@ class DecoderNetwork(nn.Module):
 
     def head(self, hidden):
         """Logits (..., vocab) of hidden states from `body`."""
-        if self.layout.tie_word_embeddings:
-            return F.linear(hidden, self.model.embed_tokens.weight)
+        if self.tied:
+            return F.linear(hidden, getattr(self.model, self.embed_name).weight)
         return self.lm_head(hidden)
 
     def forward(self, input_ids, position_ids, key_mask=None, cache=None, keep=None, project=True, attn_block=None):
@@ -139,6 +130,24 @@ class DecoderNetwork(nn.Module):
 
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
         random_init(self, std, seed)
+
+
+class DecoderNetwork(StackedNetwork):
+    """input ids -> logits (batch, seq, vocab); parameter names match the Qwen-style checkpoints."""
+
+    def __init__(self, lay: Layout):
+        super().__init__()
+        self.layout = lay
+        self.vocab_size = lay.vocab_size
+        self.block_causal = lay.block_causal
+        self.rotary_dim, self.rope_theta = lay.rotary_dim or lay.head_dim, lay.rope_theta
+        self.tied = lay.tie_word_embeddings
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(lay.vocab_size, lay.hidden_size)
+        self.model.layers = nn.ModuleList(DecoderLayer(lay, i) for i in range(lay.num_layers))
+        self.model.norm = RMSNorm(lay.hidden_size, lay.rms_norm_eps, lay.norm_weight_in_float32)
+        if not lay.tie_word_embeddings:
+            self.lm_head = nn.Linear(lay.hidden_size, lay.vocab_size, bias=False)
 
 
 def check_common(raw: dict, source: str, family: str) -> None:

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
 from torch import nn
 
 from unmask.errors import UnmaskError
 from unmask.models.base import BlockDiffusion
-from unmask.models.decoder import check_common, family_ids, random_init
-from unmask.models.layers import RMSNorm, SelfAttention, rope_cos_sin
+from unmask.models.decoder import StackedNetwork, check_common, family_ids
+from unmask.models.layers import RMSNorm, SelfAttention
 from unmask.models.loading import Architecture, register_architecture
 from unmask.models.moe import RouterConfig, SparseMoE, SwiGLU
 
@@ -150,44 +149,23 @@ class LLaDA2Layer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LLaDA2Network(nn.Module):
+class LLaDA2Network(StackedNetwork):
     """input ids -> logits (batch, seq, vocab); parameter names match LLaDA2's safetensors."""
 
     block_causal = True
+    embed_name = "word_embeddings"
 
     def __init__(self, cfg: LLaDA2Config):
         super().__init__()
         self.config = cfg
         self.vocab_size = cfg.vocab_size
+        self.rotary_dim, self.rope_theta, self.tied = cfg.rotary_dim, cfg.rope_theta, cfg.tie_word_embeddings
         self.model = nn.Module()
         self.model.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.model.layers = nn.ModuleList(LLaDA2Layer(cfg, i) for i in range(cfg.num_layers))
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-
-    def body(self, input_ids, position_ids, key_mask=None, cache=None, keep=None, attn_block=None):
-        """Final (normed) hidden states (batch, seq, hidden), or only at `keep` (batch, q)."""
-        cfg = self.config
-        x = self.model.word_embeddings(input_ids)
-        rope = rope_cos_sin(position_ids, cfg.rotary_dim, cfg.rope_theta, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, rope, key_mask, cache, position_ids, attn_block)
-        if keep is not None:
-            x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
-        return self.model.norm(x)
-
-    def head(self, hidden):
-        if self.config.tie_word_embeddings:
-            return F.linear(hidden, self.model.word_embeddings.weight)
-        return self.lm_head(hidden)
-
-    def forward(self, input_ids, position_ids, key_mask=None, cache=None, keep=None, project=True, attn_block=None):
-        hidden = self.body(input_ids, position_ids, key_mask, cache, keep, attn_block)
-        return self.head(hidden) if project else hidden
-
-    def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
-        random_init(self, std, seed)
 
 
 def _is_llada2(raw: dict) -> bool:
