@@ -609,6 +609,33 @@ def decode_until_final(model: DiffusionLM, prompt, strategy: str, **kwargs):
                     **kwargs).sequences[0]
 
 
+def serve_jobs(engine, jobs: list, timeout: float = 120.0, stop: bool = True) -> list:
+    """Queue `jobs` on `engine` before its worker starts (so its first decode takes as many as fit),
+    numbered 0.. in order, run them until each has its last event (done or error), stop the engine
+    (unless `stop=False`: it serves on) and return every event. Raises AssertionError if they are not
+    all answered in `timeout` seconds."""
+    import threading
+
+    events, lock, finished = [], threading.Lock(), threading.Event()
+    for i, job in enumerate(jobs):
+        job.index = i
+
+    def sink(event) -> None:
+        with lock:
+            events.append(event)
+            if sum(e.kind in ("done", "error") for e in events) == len(jobs):
+                finished.set()
+
+    engine.submit(jobs, sink)
+    engine.start()
+    try:
+        assert finished.wait(timeout), f"{len(jobs)} jobs not all answered in {timeout} s: {events}"
+    finally:
+        if stop:
+            engine.stop()
+    return events
+
+
 # the four block-diffusion and MoE families' special tokens and chat formats, for their tiny checkpoints
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"

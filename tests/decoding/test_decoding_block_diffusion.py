@@ -18,7 +18,7 @@ from unmask.decoding import DecodeConfig, generate, policy_names
 from unmask.decoding.loop import Decoder, encode_prompts
 from unmask.decoding.registry import parse_strategy
 from unmask.models import load_model
-from unmask.testing import controller_strategies
+from unmask.testing import controller_strategies, serve_jobs
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "reference"
 FAMILIES = {"llada2": 8, "sdar": 4, "fastdllm_v2": 8}  # family: its fixture's block length
@@ -163,8 +163,6 @@ def test_a_prompt_tail_is_never_in_the_answer_the_stream_or_the_trace(family):
 def test_the_server_decodes_block_diffusion_requests_as_direct_decodes(family, cache):
     # requests whose prompts end at different places in their blocks share one continuous decode,
     # with the family's own decoder as the server's default, and each answer is the direct decode's
-    import threading
-
     from unmask.serve import GenerationRequest, build_engine
 
     name, model, block = family
@@ -172,21 +170,7 @@ def test_the_server_decodes_block_diffusion_requests_as_direct_decodes(family, c
     assert engine.config.strategy == model.default_strategy == name
     jobs = [engine.prepare(GenerationRequest(p, chat=False, gen_length=2 * block, block_length=block, seed=i))
             for i, p in enumerate(PROMPTS)]
-    for i, job in enumerate(jobs):
-        job.index = i
-    done, events = threading.Event(), []
-
-    def sink(event):
-        events.append(event)
-        if sum(e.kind in ("done", "error") for e in events) == len(jobs):
-            done.set()
-
-    engine.submit(jobs, sink)
-    engine.start()
-    try:
-        assert done.wait(60)
-    finally:
-        engine.stop()
+    events = serve_jobs(engine, jobs, timeout=60)
     for i, prompt in enumerate(PROMPTS):
         answer = next(e for e in events if e.index == i and e.kind in ("done", "error"))
         assert answer.kind == "done", answer.message

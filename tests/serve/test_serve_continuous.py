@@ -16,7 +16,7 @@ import torch  # noqa: E402
 from unmask.decoding import generate  # noqa: E402
 from unmask.models import load_model  # noqa: E402
 from unmask.serve import build_engine, serve_in_thread  # noqa: E402
-from unmask.testing import decode_until_final  # noqa: E402
+from unmask.testing import decode_until_final, serve_jobs  # noqa: E402
 
 PROMPTS = ["tom has 5 apples", "hello world", "what is 3 plus 4", "print x", "how many cats", "ann has 2 pens",
            "sam", "x = 3 . y = x + 1 . print y"]
@@ -116,24 +116,8 @@ def _request(prompt, seed, **kw):
 
 
 def _run(engine, jobs) -> list:
-    """Queue `jobs` before the worker starts (so the first decode takes as many as fit), run them to
-    the end and return every event."""
-    events, lock, finished = [], threading.Lock(), threading.Event()
-    for i, job in enumerate(jobs):
-        job.index = i
-
-    def sink(event):
-        with lock:
-            events.append(event)
-            if sum(e.kind in ("done", "error") for e in events) == len(jobs):
-                finished.set()
-
-    engine.submit(jobs, sink)
-    engine.start()
-    try:
-        assert finished.wait(120)
-    finally:
-        engine.stop()
+    """Run `jobs` queued before the worker starts; every event, none of them an error."""
+    events = serve_jobs(engine, jobs)
     assert not [e for e in events if e.kind == "error"], events
     return events
 

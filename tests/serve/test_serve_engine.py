@@ -1,6 +1,5 @@
 """The engine without HTTP: the batching decision, the answer rules, validation, events."""
 
-import threading
 
 import pytest
 
@@ -8,7 +7,7 @@ from unmask.decoding import generate
 from unmask.errors import UnmaskError
 from unmask.serve import AnswerTracker, Engine, EngineConfig, EngineStopped, GenerationRequest, QueueFull, take_batch
 from unmask.serve.engine import BatchKey, Job
-from unmask.testing import decode_until_final, tiny_llada
+from unmask.testing import decode_until_final, serve_jobs, tiny_llada
 
 
 def _job(key, cancelled=False):
@@ -97,22 +96,9 @@ def test_engine_batches_queued_requests_and_matches_direct_decodes(batching):
     model = engine.model
     prompts = ["tom has 5 apples", "hello world", "what is 3 plus 4", "print x", "how many cats"]
     jobs = [engine.prepare(GenerationRequest(p, chat=False, strategy="threshold:tau=0.5")) for p in prompts]
-    for i, job in enumerate(jobs):
-        job.index = i
-    events, lock, finished = [], threading.Lock(), threading.Event()
-
-    def sink(event):
-        with lock:
-            events.append(event)
-            if sum(e.kind == "done" for e in events) == len(jobs):
-                finished.set()
-
-    engine.submit(jobs, sink)  # queued before the worker starts: static batches 4 + 1; continuous
-    engine.start()             # starts 4 and the fifth joins the running decode when a slot frees
-    try:
-        assert finished.wait(30)
-    finally:
-        engine.stop()
+    # queued before the worker starts: static batches 4 + 1; continuous starts 4 and the fifth joins
+    # the running decode when a slot frees
+    events = serve_jobs(engine, jobs, timeout=30)
     assert engine.stats["batches"] == (2 if batching == "static" else 1) and engine.stats["max_batch"] == 4
     assert engine.stats["batched_jobs"] == 5
     for i, prompt in enumerate(prompts):

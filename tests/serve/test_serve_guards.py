@@ -6,13 +6,11 @@ of the same decode is answered exactly as a direct decode; the next request is s
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 
 from unmask.decoding import generate
-from unmask.serve import Event, GenerationRequest, build_engine
-from unmask.testing import scripted_model, tiny_llada
+from unmask.serve import GenerationRequest, build_engine
+from unmask.testing import scripted_model, serve_jobs, tiny_llada
 
 PROMPTS = ["tom has 5 apples", "hello world", "what is 3 plus 4", "print x"]
 BAD = 2  # the request whose answer the injected failure hits
@@ -27,19 +25,7 @@ def model():
 def _serve(engine, prompts=PROMPTS, spec=SPEC):
     """Queue `prompts` before the worker starts, run them, and return every event by request."""
     jobs = [engine.prepare(GenerationRequest(p, chat=False, strategy=spec)) for p in prompts]
-    for i, job in enumerate(jobs):
-        job.index = i
-    events, lock, finished = [], threading.Lock(), threading.Event()
-
-    def sink(event):
-        with lock:
-            events.append(event)
-            if sum(e.kind in ("done", "error") for e in events) == len(jobs):
-                finished.set()
-
-    engine.submit(jobs, sink)
-    engine.start()
-    assert finished.wait(60), events
+    events = serve_jobs(engine, jobs, timeout=60, stop=False)
     return {i: [e for e in events if e.index == i] for i in range(len(jobs))}
 
 
@@ -172,19 +158,7 @@ def test_mean_batch_is_sequences_per_model_call():
     model = scripted_model(rule, gen_length=32, block_length=8)
     engine = build_engine(model, strategy="low_confidence", max_batch_size=4, batching="static")
     jobs = [engine.prepare(GenerationRequest("tom", chat=False, gen_length=g)) for g in (16, 32)]
-    done = threading.Event()
-    seen = []
-
-    def sink(event: Event):
-        seen.append(event)
-        if sum(e.kind == "done" for e in seen) == 2:
-            done.set()
-
-    engine.submit(jobs, sink)
-    engine.start()
-    try:
-        assert done.wait(30)
-    finally:
-        engine.stop()
+    events = serve_jobs(engine, jobs, timeout=30)
+    assert [e.kind for e in events if e.kind in ("done", "error")] == ["done", "done"]
     health = engine.health()
     assert (health["steps"], health["step_rows"], health["mean_batch"]) == (32, 48, 1.5)
