@@ -13,6 +13,7 @@ import torch
 
 from unmask.models.base import DecodeDefaults, DiffusionLM
 from unmask.models.llada import LLaDAConfig, LLaDANetwork
+from unmask.models.llada_arch import LLADA_BLOCKS
 from unmask.models.tokenizer import Tokenizer
 
 TINY_WORDS = (
@@ -75,8 +76,10 @@ def tiny_llada(
     block_length: int = 8,
     tokenizer: Tokenizer | None = None,
     extra_rows: int = 5,
+    block_causal: bool = False,
 ) -> DiffusionLM:
-    """A random LLaDA-layout model in memory (vocabulary padded by `extra_rows`, as LLaDA pads)."""
+    """A random LLaDA-layout model in memory (vocabulary padded by `extra_rows`, as LLaDA pads);
+    `block_causal`: the block-diffusion variant (unmask's `block_causal` key)."""
     tokenizer = tokenizer or tiny_tokenizer()
     hf = tokenizer.hf
     vocab = len(hf)
@@ -93,6 +96,7 @@ def tiny_llada(
         mask_token_id=hf.convert_tokens_to_ids("<|mdm_mask|>"),
         eos_token_id=hf.eos_token_id,
         pad_token_id=hf.eos_token_id,
+        block_causal=block_causal,
     )
     network = LLaDANetwork(cfg)
     network.init_weights(std=0.5, seed=seed)
@@ -110,6 +114,7 @@ def tiny_llada(
         defaults=DecodeDefaults(gen_length=gen_length, block_length=block_length),
         supports_cache=True,
         max_length=cfg.max_sequence_length,
+        block_diffusion=LLADA_BLOCKS if block_causal else None,
     )
 
 

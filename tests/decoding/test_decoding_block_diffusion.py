@@ -18,10 +18,12 @@ from unmask.decoding import DecodeConfig, generate, policy_names
 from unmask.decoding.loop import Decoder, encode_prompts
 from unmask.decoding.registry import parse_strategy
 from unmask.models import load_model
-from unmask.testing import controller_strategies, serve_jobs
+from unmask.testing import controller_strategies, serve_jobs, write_tiny_llada
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "reference"
-FAMILIES = {"llada2": 8, "sdar": 4, "fastdllm_v2": 8}  # family: its fixture's block length
+# family: its fixture's block length; llada_block is a block-causal LLaDA network (unmask's own
+# block-diffusion fine-tune, `builtin:block`) of tiny random weights
+FAMILIES = {"llada2": 8, "sdar": 4, "fastdllm_v2": 8, "llada_block": 8}
 PROMPTS = ["tom has 5 apples", "what is 3 plus 4 ?", "hello world , tom has 3 pens and ann has"]
 SPEC = {n: n for n in policy_names()}
 SPEC["threshold"] = "threshold:tau=0.5"
@@ -33,8 +35,13 @@ def _controllers(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request):
-    return request.param, load_model(str(FIXTURES / request.param / "checkpoint"), device="cpu"), FAMILIES[request.param]
+def family(request, tmp_path_factory):
+    name = request.param
+    if name == "llada_block":
+        path = write_tiny_llada(tmp_path_factory.mktemp("llada_block"), block_causal=True, seed=3)
+    else:
+        path = FIXTURES / name / "checkpoint"
+    return name, load_model(str(path), device="cpu"), FAMILIES[name]
 
 
 def _decode(model, block, spec, cache, prompts=PROMPTS, **kw):
@@ -167,14 +174,15 @@ def test_the_server_decodes_block_diffusion_requests_as_direct_decodes(family, c
 
     name, model, block = family
     engine = build_engine(model, max_batch_size=2, cache=cache)
-    assert engine.config.strategy == model.default_strategy == name
+    if name != "llada_block":  # a family's own decoder; the block-causal LLaDA gets the server's fast default
+        assert engine.config.strategy == model.default_strategy == name
     jobs = [engine.prepare(GenerationRequest(p, chat=False, gen_length=2 * block, block_length=block, seed=i))
             for i, p in enumerate(PROMPTS)]
     events = serve_jobs(engine, jobs, timeout=60)
     for i, prompt in enumerate(PROMPTS):
         answer = next(e for e in events if e.index == i and e.kind in ("done", "error"))
         assert answer.kind == "done", answer.message
-        direct = generate(model, [prompt], name, gen_length=2 * block, block_length=block, cache=cache, chat=False,
+        direct = generate(model, [prompt], engine.config.strategy, gen_length=2 * block, block_length=block, cache=cache, chat=False,
                           seed=i).sequences[0]
         assert answer.text == direct.text
 

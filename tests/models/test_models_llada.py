@@ -114,3 +114,27 @@ def test_dtype_default_and_bf16(sharded):
     assert {p.dtype for p in model.network.parameters()} == {torch.bfloat16}
     with torch.no_grad():
         assert model.logits(torch.tensor([[1, 2, 3]])).dtype == torch.bfloat16
+
+
+def test_block_causal_llada_attends_its_block_and_the_earlier_ones():
+    # unmask's block-diffusion LLaDA (`block_causal`): with one block as long as the canvas it is the
+    # bidirectional network; with blocks of 4, changing a token of block 2 changes nothing before it
+    # and every position of block 2 and after (they all see it)
+    from dataclasses import replace as dc_replace
+
+    from unmask.testing import tiny_llada
+
+    bidirectional = tiny_llada(seed=4)
+    block = tiny_llada(seed=4, block_causal=True)
+    assert dc_replace(bidirectional.network.config, block_causal=True) == block.network.config
+    ids = torch.randint(5, 40, (2, 12))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    pos = block.position_ids(mask)
+    with torch.no_grad():
+        torch.testing.assert_close(block.logits(ids, mask, pos, attn_block=12), bidirectional.logits(ids, mask, pos))
+        before = block.logits(ids, mask, pos, attn_block=4)
+        changed = ids.clone()
+        changed[:, 9] = (changed[:, 9] + 1 - 5) % 35 + 5
+        after = block.logits(changed, mask, pos, attn_block=4)
+    assert torch.equal(before[:, :8], after[:, :8])
+    assert ((before[:, 8:] - after[:, 8:]).abs().amax(-1) > 1e-4).all()

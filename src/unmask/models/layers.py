@@ -65,9 +65,11 @@ def attention(
     key_mask: torch.Tensor | None,  # (batch, k_len) bool, True where a key may be attended
     q_blocks: torch.Tensor | None = None,  # (batch, q_len) block of each query (block-causal models)
     k_blocks: torch.Tensor | None = None,  # (batch, k_len) block of each key
+    pair_mask: torch.Tensor | None = None,  # (batch, q_len, k_len) bool: which keys each query may see
 ) -> torch.Tensor:
     """Scaled dot-product attention with grouped KV heads and key padding: bidirectional, or
-    block-causal when block indices are given (a query sees keys of its block and earlier ones)."""
+    block-causal when block indices are given (a query sees keys of its block and earlier ones),
+    or as `pair_mask` says (with the key padding)."""
     if k.shape[1] != q.shape[1]:
         repeat = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(repeat, dim=1)
@@ -78,6 +80,8 @@ def attention(
     if q_blocks is not None:
         causal = (k_blocks[:, None, None, :] <= q_blocks[:, None, :, None])  # (batch, 1, q, k)
         attn_mask = causal if attn_mask is None else attn_mask & causal
+    if pair_mask is not None:
+        attn_mask = pair_mask[:, None] if attn_mask is None else attn_mask & pair_mask[:, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
@@ -96,7 +100,7 @@ class SelfAttention(nn.Module):
         self.clip = clip
 
     def forward(self, q, k, v, rope, key_mask, cache=None, layer_idx: int = 0, positions=None, attn_block=None,
-                q_norm=None, k_norm=None):
+                q_norm=None, k_norm=None, pair_mask=None):
         """`rope`: the (cos, sin) pair of `rope_cos_sin`, computed once per network call for all layers.
         Block-causal attention: `attn_block` the block length, `positions` the queries' position ids
         (batch, seq); a position's block is its position id // the block length."""
@@ -120,5 +124,5 @@ class SelfAttention(nn.Module):
         blocks = key_blocks = None
         if attn_block:
             blocks, key_blocks = positions // attn_block, key_positions // attn_block
-        out = attention(q, k, v, key_mask, blocks, key_blocks)
+        out = attention(q, k, v, key_mask, blocks, key_blocks, pair_mask)
         return out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)

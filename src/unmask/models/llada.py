@@ -84,6 +84,10 @@ class LLaDAConfig:
     mask_token_id: int = 126336
     eos_token_id: int = 126081
     pad_token_id: int = 126081
+    # unmask's own key: block-causal attention (a block-diffusion model, `unmask train sft
+    # --block-diffusion`): a position sees its own block and the earlier ones, blocks of the decode's
+    # block length anchored at position 0. LLaDA's own checkpoints are bidirectional (false).
+    block_causal: bool = False
 
     REQUIRED = ("d_model", "n_heads", "n_layers", "vocab_size")
 
@@ -128,6 +132,8 @@ class LLaDAConfig:
 
     def to_dict(self) -> dict:
         out = asdict(self)
+        if not self.block_causal:
+            del out["block_causal"]  # a bidirectional checkpoint holds LLaDA's own keys only
         out.update(
             model_type="llada",
             architectures=["LLaDAModelLM"],
@@ -163,9 +169,10 @@ class LLaDABlock(nn.Module):
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, cfg.d_model, bias=False)
         self.attn = SelfAttention(cfg.n_heads, cfg.kv_heads, head_dim)
 
-    def forward(self, x, rope, key_mask, cache=None):
+    def forward(self, x, rope, key_mask, cache=None, positions=None, attn_block=None, pair_mask=None):
         h = self.attn_norm(x)
-        att = self.attn(self.q_proj(h), self.k_proj(h), self.v_proj(h), rope, key_mask, cache, self.layer_idx)
+        att = self.attn(self.q_proj(h), self.k_proj(h), self.v_proj(h), rope, key_mask, cache, self.layer_idx,
+                        positions=positions, attn_block=attn_block, pair_mask=pair_mask)
         x = x + self.attn_out(att)
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
@@ -190,14 +197,22 @@ class LLaDANetwork(nn.Module):
         self.model = nn.Module()
         self.model.transformer = transformer
 
-    def body(self, input_ids, position_ids, key_mask=None, cache=None, keep=None):
-        """Final (normed) hidden states (batch, seq, d_model), or only at `keep` (batch, q)."""
+    @property
+    def block_causal(self) -> bool:
+        return bool(self.config.block_causal)
+
+    def body(self, input_ids, position_ids, key_mask=None, cache=None, keep=None, attn_block=None, pair_mask=None):
+        """Final (normed) hidden states (batch, seq, d_model), or only at `keep` (batch, q).
+        `attn_block`: the block length of a block-causal network's attention (ignored by a
+        bidirectional one); `pair_mask` (batch, seq, seq): which keys each query may see, besides
+        `key_mask` (training's two-copy canvases)."""
         t = self.model.transformer
         x = t.wte(input_ids)
         cfg = self.config
         rope = rope_cos_sin(position_ids, cfg.d_model // cfg.n_heads, cfg.rope_theta, x.dtype)
+        attn_block = attn_block if cfg.block_causal else None
         for block in t.blocks:
-            x = block(x, rope, key_mask, cache)
+            x = block(x, rope, key_mask, cache, position_ids, attn_block, pair_mask)
         if keep is not None:
             x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
         return t.ln_f(x)
@@ -209,9 +224,10 @@ class LLaDANetwork(nn.Module):
             return F.linear(hidden, t.wte.weight)
         return t.ff_out(hidden)
 
-    def forward(self, input_ids, position_ids, key_mask=None, cache=None, keep=None, project=True):
+    def forward(self, input_ids, position_ids, key_mask=None, cache=None, keep=None, project=True, attn_block=None,
+                pair_mask=None):
         """Logits, or with `project=False` the hidden states `head` projects (`body`, only at `keep`)."""
-        hidden = self.body(input_ids, position_ids, key_mask, cache, keep)
+        hidden = self.body(input_ids, position_ids, key_mask, cache, keep, attn_block, pair_mask)
         return self.head(hidden) if project else hidden
 
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:

@@ -1,7 +1,13 @@
 """Registers the native LLaDA network with the checkpoint loader."""
 
+from unmask.models.base import BlockDiffusion
 from unmask.models.llada import LLaDAConfig, LLaDANetwork
 from unmask.models.loading import Architecture, register_architecture
+
+# a block-causal LLaDA network (`block_causal`, unmask's block-diffusion fine-tune): a block's first
+# call computes the finished block before it again, writing its exact keys at no extra call (as
+# LLaDA2 does); the loop's block stop rule
+LLADA_BLOCKS = BlockDiffusion(store_calls=False, bonus=False, stop_rule="block")
 
 
 def _is_llada(raw: dict) -> bool:
@@ -33,5 +39,6 @@ LLADA = register_architecture(
         shifted=False,
         matches=_is_llada,
         special_ids=_special_ids,
+        block_diffusion=lambda cfg, raw: LLADA_BLOCKS if cfg.block_causal else None,
     )
 )

@@ -36,7 +36,7 @@ class Architecture:
     shifted: bool
     matches: Callable[[dict], bool]
     special_ids: Callable[[Any, dict, Tokenizer], dict]
-    block_diffusion: Any = None  # a BlockDiffusion for block-diffusion families
+    block_diffusion: Any = None  # a BlockDiffusion for block-diffusion families, or a function (cfg, raw) -> one or None
     defaults: Callable[[Any, dict], dict] | None = None  # the family's decode defaults (gen/block length)
     strategy: Callable[[Any, dict], str] | None = None  # the family's own decoder (None: low_confidence)
 
@@ -238,7 +238,7 @@ def load_model(
         supports_cache=True,
         path=str(path),
         kind=arch.name,
-        block_diffusion=arch.block_diffusion,
+        block_diffusion=arch.block_diffusion(cfg, raw) if callable(arch.block_diffusion) else arch.block_diffusion,
         default_strategy=arch.strategy(cfg, raw) if arch.strategy is not None else "low_confidence",
         **ids,
     )

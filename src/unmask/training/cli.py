@@ -67,6 +67,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     sft.add_argument("--block-masking", dest="block_frac", type=float, default=d.block_frac,
                      help="share of rows masked as block-wise decoding sees them: earlier blocks clean, later ones masked "
                           "(0-1; default 0: uniform masking, LLaDA's objective)")
+    sft.add_argument("--block-diffusion", action="store_true",
+                     help="train a block-diffusion model (attention causal across blocks of --block-length, "
+                          "bidirectional within one, so its KV cache is exact) with SDAR's two-copy recipe; "
+                          "with --init, fine-tunes a LLaDA-layout checkpoint (such as the built-in model) into one")
     sft.add_argument("--gen-length", type=int, default=d.gen_length)
     sft.add_argument("--block-length", type=int, default=d.block_length)
     sft.add_argument("--d-model", type=int, default=d.d_model)
@@ -144,6 +148,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         grad_clip=args.grad_clip,
         stratified=args.stratified,
         block_frac=args.block_frac,
+        block_diffusion=args.block_diffusion,
         d_model=args.d_model,
         n_layers=args.n_layers,
         n_heads=args.n_heads,

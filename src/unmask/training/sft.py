@@ -122,6 +122,13 @@ def prepare(config: TrainConfig) -> Trainer:
         model.defaults = DecodeDefaults(gen_length=config.gen_length, block_length=config.block_length)
     else:
         model = fresh_model(config).to(device=config.device)
+    if config.block_diffusion and model.block_diffusion is None:
+        from unmask.training.block import make_block_causal
+
+        make_block_causal(model)
+    elif model.block_diffusion is not None and not config.block_diffusion:
+        raise UnmaskError(f"{config.init or config.out} is a block-diffusion model; train it with --block-diffusion",
+                          field="block_diffusion")
     if model.max_length < 64 + config.gen_length:
         raise UnmaskError(f"the model's max length {model.max_length} is too short for gen-length {config.gen_length}")
     trainer = Trainer(model, build_source(model, config), config, build_eval_tasks(config))

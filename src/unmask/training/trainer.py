@@ -85,6 +85,7 @@ class TrainConfig:
     eps: float = 1e-3  # p_mask floor
     stratified: bool = True
     block_frac: float = 0.0  # share of rows masked as semi-autoregressive decoding sees them (module docstring)
+    block_diffusion: bool = False  # a block-causal model, trained with SDAR's two-copy recipe (unmask.training.block)
     # fresh network size (ignored with `init`)
     d_model: int = 128
     n_layers: int = 4
@@ -133,6 +134,9 @@ class TrainConfig:
             raise UnmaskError("weight-decay and grad-clip must be >= 0", field="weight_decay")
         if not isinstance(self.block_frac, (int, float)) or not 0 <= self.block_frac <= 1:
             raise UnmaskError(f"block-masking must lie in [0, 1], got {self.block_frac!r}", field="block_frac")
+        if self.block_diffusion and self.block_frac:
+            raise UnmaskError("--block-masking has no place in --block-diffusion training, which trains every block "
+                              "against the clean blocks before it already; drop --block-masking", field="block_frac")
         if not (0 < self.eps < 1):
             raise UnmaskError(f"eps must lie in (0, 1), got {self.eps!r}", field="eps")
         if self.d_model % self.n_heads:
@@ -204,14 +208,22 @@ def sample_mask_ratio(batch_size: int, eps: float, stratified: bool, generator: 
 
 def masked_diffusion_loss(
     model, batch: Batch, generator: torch.Generator, eps: float = 1e-3, stratified: bool = True,
-    block_frac: float = 0.0, block_length: int | None = None,
+    block_frac: float = 0.0, block_length: int | None = None, block_diffusion: int | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """LLaDA's SFT loss on one batch (see the module docstring). Returns (loss, details)."""
+    """LLaDA's SFT loss on one batch (see the module docstring), or with `block_diffusion` (the gen
+    length the batch was collated for, its response columns one block wider) SDAR's two-copy
+    block-diffusion loss (`unmask.training.block`). Returns (loss, details)."""
     device = model.device
     input_ids = batch.input_ids.to(device)
     attention_mask = batch.attention_mask.to(device)
     response = batch.response_mask.to(device)
     rows, gen = input_ids.shape[0], batch.gen_length
+    if block_diffusion:
+        from unmask.training.block import region_mask
+
+        inside = region_mask(attention_mask, response, block_diffusion, block_length)
+        attention_mask = attention_mask & (inside | ~response)  # columns past a row's blocks are padding
+        response = inside
     p_mask = sample_mask_ratio(rows, eps, stratified, generator).to(device)  # (batch,)
     draw = torch.rand(input_ids.shape, generator=generator).to(device)
     masked = (draw < p_mask[:, None]) & response  # (batch, seq); never a prompt or padding position
@@ -219,13 +231,19 @@ def masked_diffusion_loss(
     if block_frac > 0:
         masked, weights = _block_aware(masked, weights, generator, block_frac, block_length or gen, gen)
     noisy = torch.where(masked, torch.full_like(input_ids, model.mask_id), input_ids)
-    logits = model.logits(noisy, attention_mask, model.position_ids(attention_mask))  # (batch, seq, vocab)
+    if block_diffusion:
+        from unmask.training.block import two_copy_logits
+
+        keep = torch.arange(input_ids.shape[1] - gen, input_ids.shape[1], device=device).expand(rows, -1)
+        logits = two_copy_logits(model, noisy, input_ids, attention_mask, block_length, keep)  # (batch, gen, vocab)
+    else:
+        logits = model.logits(noisy, attention_mask, model.position_ids(attention_mask))[:, -gen:]  # (batch, gen, vocab)
     # only the response region can be scored; slicing first keeps the softmax small
     token_loss = F.cross_entropy(
-        logits[:, -gen:].float().reshape(-1, logits.shape[-1]), input_ids[:, -gen:].reshape(-1), reduction="none"
+        logits.float().reshape(-1, logits.shape[-1]), input_ids[:, -gen:].reshape(-1), reduction="none"
     ).view(rows, gen)
-    loss = (token_loss * weights).sum() / (rows * gen)
-    return loss, {"masked": masked, "p_mask": p_mask, "noisy": noisy}
+    loss = (token_loss * weights).sum() / response.sum()  # per answer position (rows * gen without blocks)
+    return loss, {"masked": masked, "p_mask": p_mask, "noisy": noisy, "response": response}
 
 
 def _block_aware(masked, weights, generator, block_frac: float, block_length: int, gen: int):
@@ -334,6 +352,7 @@ class Trainer:
                     block_length=self.config.block_length,
                     seed=0,
                     record_trace=True,
+                    cache="dual" if self.model.block_diffusion is not None else "none",  # exact: the same tokens
                 )
                 correct += sum(task.score(p, s.text) for p, s in zip(chunk, out.sequences))
                 nfe += sum(s.nfe for s in out.sequences)
@@ -347,17 +366,21 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def next_batch(self) -> Batch:
-        examples = [self.source.sample(self.data_rng) for _ in range(self.config.batch_size)]
-        return collate(examples, self.config.gen_length, self.model.pad_id, self.model.eos_id)
+        config = self.config
+        examples = [self.source.sample(self.data_rng) for _ in range(config.batch_size)]
+        # block diffusion: a row's generation region runs to the end of its last block, up to a block more
+        width = config.gen_length + (config.block_length - 1 if config.block_diffusion else 0)
+        return collate(examples, width, self.model.pad_id, self.model.eos_id)
 
     def train_step(self, batch: Batch) -> tuple[float, float, float]:
         """One optimisation step; returns (loss, grad norm, lr)."""
         lr = lr_at(self.step, self.config, self.train_time_s)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        config = self.config
         loss, _ = masked_diffusion_loss(
-            self.model, batch, self.mask_gen, self.config.eps, self.config.stratified,
-            self.config.block_frac, self.config.block_length,
+            self.model, batch, self.mask_gen, config.eps, config.stratified, config.block_frac, config.block_length,
+            block_diffusion=config.gen_length if config.block_diffusion else None,
         )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
