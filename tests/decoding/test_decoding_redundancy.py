@@ -215,3 +215,32 @@ def test_a_threshold_decode_and_an_r2_decode_with_the_same_trace_score_the_same(
     # call 1 masked {2, 3} C, D -> 0. R_total = 2 + 0 + 1 = 3 for both.
     assert thr.events["temporal_redundant_steps"] == r2.events["temporal_redundant_steps"] == 2
     assert r_total(thr.trace) == r_total(r2.trace) == 3.0
+
+
+def test_a_block_diffusion_trace_counts_its_blocks_from_the_prompts_tail():
+    """Blocks of 4 with a 2-token prompt tail (`lead` 2): block 0 is the trace's columns 0-1, block 1
+    columns 2-5. Final tokens [A, B, C, D, E, A].
+
+    call 0 (block 0): masked 0-1; top1 [A, B, X, X, X, X]; commits 0     -> [A, M, M, M, M, M]
+    call 1 (block 0): masked 1;   top1 [A, B, C, D, E, A]; commits 1     -> [A, B, M, M, M, M]
+    call 2 (block 1): masked 2-5; top1 [A, B, C, D, X, A]; commits 2, 3  -> [A, B, C, D, M, M]
+    call 3 (block 1): masked 4-5; top1 [A, B, C, D, E, A]; commits 4, 5  -> [A, B, C, D, E, A]
+
+    Temporal redundancy: after call 0, position 1 (still masked, in block 0) already showed B: 1.
+    After call 2, position 5 (masked, in block 1) already showed A: 1. Positions 2-5 at calls 0-1 are
+    not in the current block, so their right answers count nothing. Total 2. Without the lead,
+    blocks of 4 would put columns 2-3 in block 0 and count position 2 and 3 after call 1 as well.
+    """
+    trace = make_trace(
+        top1=[[A, B, X, X, X, X], [A, B, C, D, E, A], [A, B, C, D, X, A], [A, B, C, D, E, A]],
+        confidence=[[.95, .5, 0, 0, 0, 0], [.99, .95, 0, 0, 0, 0], [.99, .99, .95, .95, .5, .5], [.99] * 6],
+        masked_before=[[T, T, T, T, T, T], [F, T, T, T, T, T], [F, F, T, T, T, T], [F, F, F, F, T, T]],
+        tokens_after=[[A, M, M, M, M, M], [A, B, M, M, M, M], [A, B, C, D, M, M], [A, B, C, D, E, A]],
+        block=[0, 0, 1, 1],
+        commit_step=[0, 1, 2, 2, 3, 3],
+    )
+    trace.lead = 2
+    assert infer_block_length(trace) == 4  # 2 generated positions in block 0 plus the 2 of the tail
+    assert temporal_redundancy(trace, 4) == 2
+    trace.lead = 0  # read as if the blocks started at column 0: a different (wrong) count
+    assert temporal_redundancy(trace, 4) == 4  # 1 + 2 (columns 2 and 3 after call 1) + 1

@@ -247,9 +247,10 @@ class TraceFeatures:
     """Features of the current block's positions at every call of one recorded decode."""
 
     features: np.ndarray  # (steps, block, F) float32
-    positions: np.ndarray  # (steps, block) generation index
+    positions: np.ndarray  # (steps, block) canvas offset (the trace's column plus `lead`)
     masked: np.ndarray  # (steps, block) bool, masked when the call was made
     block_step: np.ndarray  # (steps,) calls already made in the block
+    lead: int = 0  # the trace's `lead`: a block-diffusion prompt's tail in the first block
 
 
 def loop_stability(top1: np.ndarray, block: np.ndarray) -> np.ndarray:
@@ -270,8 +271,14 @@ def trace_features(trace, block_length: int) -> TraceFeatures:
     """The features `FeatureTracker` computes online, rebuilt from a trace of the same decode.
 
     `block_length` is the decode's block length (the generation length for whole-generation policies).
+    Positions are canvas offsets: a block-diffusion trace's prompt tail (`trace.lead` columns, decided,
+    never masked) is put back in front, so block k is [k L, (k + 1) L) as the loop sees it.
     """
-    steps, gen = trace.top1.shape
+    lead = int(trace.lead)
+    top1, confidence, margin, entropy, masked_before = (
+        _with_lead(a, lead, fill) for a, fill in ((trace.top1, -1), (trace.confidence, 0.0), (trace.margin, 0.0),
+                                                  (trace.entropy, 0.0), (trace.masked_before, False)))
+    steps, gen = top1.shape
     t = np.arange(steps)
     block_start = trace.block.astype(np.int64) * block_length
     positions = block_start[:, None] + np.arange(block_length)[None, :]  # (steps, block)
@@ -288,24 +295,31 @@ def trace_features(trace, block_length: int) -> TraceFeatures:
             out[ok, :, k - 1] = array[(t - k)[ok][:, None], positions[ok]]
         return out
 
-    stable = loop_stability(trace.top1, trace.block)
+    stable = loop_stability(top1, trace.block)
     features = step_features(
-        torch.from_numpy(at(trace.confidence, t)),
-        torch.from_numpy(at(trace.margin, t)),
-        torch.from_numpy(at(trace.entropy, t)),
-        torch.from_numpy(history(trace.confidence)),
-        torch.from_numpy(history(trace.margin)),
+        torch.from_numpy(at(confidence, t)),
+        torch.from_numpy(at(margin, t)),
+        torch.from_numpy(at(entropy, t)),
+        torch.from_numpy(history(confidence)),
+        torch.from_numpy(history(margin)),
         torch.from_numpy(at(stable, t)),
         has_previous=torch.from_numpy(block_step > 0),
-        masked=torch.from_numpy(at(trace.masked_before, t)),
+        masked=torch.from_numpy(at(masked_before, t)),
         block_step=torch.from_numpy(block_step),
         block_start=torch.from_numpy(block_start),
         block_length=block_length,
         gen_length=gen,
     )
     return TraceFeatures(
-        features=features.numpy(), positions=positions, masked=at(trace.masked_before, t), block_step=block_step
+        features=features.numpy(), positions=positions, masked=at(masked_before, t), block_step=block_step, lead=lead
     )
+
+
+def _with_lead(array: np.ndarray, lead: int, fill) -> np.ndarray:
+    """(steps, gen) -> (steps, lead + gen): `lead` columns of `fill` in front."""
+    if not lead:
+        return array
+    return np.concatenate([np.full((array.shape[0], lead), fill, dtype=array.dtype), array], axis=1)
 
 
 @dataclass
@@ -324,8 +338,8 @@ def trace_samples(trace, block_length: int) -> TraceSamples:
     tf = trace_features(trace, block_length)
     steps = tf.positions.shape[0]
     t = np.arange(steps)
-    final = trace.final_tokens
-    top1 = trace.top1[t[:, None], tf.positions]
+    final = _with_lead(trace.final_tokens[None, :], tf.lead, -1)[0]
+    top1 = _with_lead(trace.top1, tf.lead, -1)[t[:, None], tf.positions]
     labels = (top1 == final[tf.positions]).astype(np.uint8)
     row_id = np.full(tf.masked.shape, -1, dtype=np.int64)
     row_id[tf.masked] = np.arange(int(tf.masked.sum()))
@@ -338,5 +352,5 @@ def trace_samples(trace, block_length: int) -> TraceSamples:
         labels=labels[tf.masked],
         prev=prev[tf.masked],
         step=step[tf.masked].astype(np.int32),
-        position=tf.positions[tf.masked].astype(np.int32),
+        position=(tf.positions[tf.masked] - tf.lead).astype(np.int32),  # the trace's column
     )

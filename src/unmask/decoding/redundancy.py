@@ -73,13 +73,13 @@ def infer_block_length(trace: Trace) -> int:
         return gen
     in_first = np.zeros_like(valid)
     in_first[valid] = np.asarray(trace.block)[cs[valid]] == 0
-    return int(in_first.sum()) or gen
+    return int(in_first.sum()) + int(trace.lead) or gen  # the first block also holds the prompt's tail
 
 
 def current_block(trace: Trace, block_length: int | None = None) -> np.ndarray:
     """(steps, gen) bool: position p is in the current block of call s."""
     length = int(block_length or infer_block_length(trace))
-    pos = np.arange(trace.top1.shape[1])
+    pos = np.arange(trace.top1.shape[1]) + int(trace.lead)  # the canvas's block-aligned offsets
     return (pos[None, :] // length) == np.asarray(trace.block)[:, None]
 
 

@@ -55,7 +55,7 @@ class DecodeResult:
 
 
 def build_trace(steps: list[dict], commit_step: np.ndarray, remasked: list[tuple[int, int]],
-                edited: list[tuple[int, int]] = ()) -> Trace:
+                edited: list[tuple[int, int]] = (), lead: int = 0) -> Trace:
     """A sequence's `Trace` from the rows the loop recorded for it, one per call."""
 
     def stack(key, dtype):
@@ -72,11 +72,12 @@ def build_trace(steps: list[dict], commit_step: np.ndarray, remasked: list[tuple
         commit_step=commit_step.astype(np.int64),
         remasked=list(remasked),
         edited=list(edited),
+        lead=int(lead),
     )
 
 
 def sequence_result(model, *, prompt_ids, tokens, nfe, rows, stopped_early, events, redundant, trace_rows, remasked,
-                    edited, commit_step, latency_s, cancelled: bool) -> SequenceResult:
+                    edited, commit_step, latency_s, cancelled: bool, lead: int = 0) -> SequenceResult:
     """One sequence's result from what the row table held for it (`RowTable.result_args`)."""
     stop_set = set(model.stop_ids)
     cut = next((i for i, t in enumerate(tokens) if t in stop_set), len(tokens))
@@ -92,6 +93,6 @@ def sequence_result(model, *, prompt_ids, tokens, nfe, rows, stopped_early, even
         latency_s=latency_s,
         stopped_early=stopped_early,
         cancelled=cancelled,
-        trace=build_trace(trace_rows, commit_step, remasked, edited) if trace_rows is not None else None,
+        trace=build_trace(trace_rows, commit_step, remasked, edited, lead) if trace_rows is not None else None,
         events={**events, "temporal_redundant_steps": redundant},
     )

@@ -383,7 +383,7 @@ class RowTable:
                     stopped_early=bool(self.stopped_early[slot]), events=dict(self.events[slot]),
                     redundant=float(self.redundant[slot]), trace_rows=self.trace_rows[slot],
                     remasked=list(self.remasked[slot]), edited=list(self.edited[slot]), commit_step=self.commit_step[slot, lead:own].cpu().numpy(),
-                    latency_s=time.perf_counter() - self.joined_at[slot])
+                    latency_s=time.perf_counter() - self.joined_at[slot], lead=lead)
 
 
 def _zip_state(state: Any, other: Any, leaf, verb: str) -> Any:

@@ -25,6 +25,9 @@ class Trace:
     commit_step: np.ndarray  # (gen,) int, step at which the final token was committed (-1: filled at stop)
     remasked: list[tuple[int, int]] = field(default_factory=list)  # (step, position) remask events
     edited: list[tuple[int, int]] = field(default_factory=list)  # (step, position) rewrites (token editing)
+    # block diffusion: the prompt's tail, which opens the first block before the trace's first column
+    # (the trace leaves it out), so block k spans columns [k L - lead, (k + 1) L - lead)
+    lead: int = 0
 
     @property
     def steps(self) -> int:
@@ -40,7 +43,7 @@ class Trace:
             top1=self.top1, confidence=self.confidence, margin=self.margin, entropy=self.entropy,
             masked_before=self.masked_before, tokens_after=self.tokens_after, block=self.block,
             commit_step=self.commit_step, remasked=np.array(self.remasked, dtype=np.int64).reshape(-1, 2),
-            edited=np.array(self.edited, dtype=np.int64).reshape(-1, 2),
+            edited=np.array(self.edited, dtype=np.int64).reshape(-1, 2), lead=np.int64(self.lead),
         )
 
     @classmethod
@@ -49,4 +52,5 @@ class Trace:
         fields_ = {k: data[k] for k in data.files}
         fields_["remasked"] = [tuple(map(int, r)) for r in fields_["remasked"]]
         fields_["edited"] = [tuple(map(int, r)) for r in fields_.get("edited", np.zeros((0, 2)))]
+        fields_["lead"] = int(fields_.get("lead", 0))
         return cls(**fields_)
