@@ -10,7 +10,8 @@ its requests back to back, and stops the server. Every request streams (`stream:
 the time to `data: [DONE]`, TTFB the time to the first chunk with text (the first committed block;
 for an empty answer, its final chunk). Requests mix seeds (distinct for every request), gen_length
 (`--gen-lengths`, default: the model's default and one block less) and max_tokens; the strategy is
-one per run (default: the server's default). `--cache` runs every server with that KV cache.
+one per run (default: the server's default). `--cache` runs every server with that KV cache (default auto: the exact cache of a block-diffusion
+model, none for a bidirectional one).
 Every answer is compared with a direct `unmask.decoding.generate` of the same request, with the
 same cache, decoded once per distinct request before any server starts answering (not timed).
 
@@ -72,7 +73,7 @@ def _limits(text: str) -> list[int | None]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from unmask.decoding.config import CACHE_MODES
+    from unmask.decoding.config import CACHE_CHOICES
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,7 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="warm-up requests, sent at once (default 8; tiny 2)")
     p.add_argument("--max-batch-size", type=int, default=None,
                    help="server --max-batch-size (default: the server's default; --overload 8)")
-    p.add_argument("--cache", choices=CACHE_MODES, default="none",
+    p.add_argument("--cache", choices=CACHE_CHOICES, default="auto",
                    help="server --cache, and the cache of the direct decodes the answers are checked against "
                         "(default %(default)s)")
     p.add_argument("--max-queue", type=int, default=None, help="server --max-queue (default 256; --overload 64)")
@@ -153,6 +154,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    from unmask.decoding.config import resolve_cache
     from unmask.models import load_model
     from unmask.serve.load import (ServerProcess, ServerStartError, compare, config_args, expected_texts, markdown,
                                    run_overload, run_stream_load, serve_options, workload, workload_case)
@@ -180,7 +182,7 @@ def main(argv=None) -> int:
         common = [*(["--model", model_spec] if model_spec else []), *(["--device", args.device] if args.device else []),
                   *(["--dtype", args.dtype] if args.dtype else []), *(["--strategy", args.strategy] if args.strategy else []),
                   "--max-batch-size", str(args.max_batch_size), "--max-queue", str(args.max_queue),
-                  *(["--cache", args.cache] if args.cache != "none" else []), "--log-level", "warning"]
+                  *(["--cache", args.cache] if args.cache != "auto" else []), "--log-level", "warning"]
         env = {"OMP_NUM_THREADS": str(args.server_threads)} if args.server_threads else None
         mode = "serve_overload" if args.overload else "serve_load"
         servers = {name: ServerProcess([*common, *config_args(name, has_batching), *args.serve_arg],
@@ -234,7 +236,7 @@ def main(argv=None) -> int:
             "seeds": "distinct per request" if args.seed_pool <= 0 else f"a pool of {args.seed_pool}",
             "clients": args.clients, "requests_per_client": args.requests_per_client,
             "min_requests": args.min_requests, "warmup": args.warmup, "max_batch_size": args.max_batch_size,
-            "cache": args.cache,
+            "cache": resolve_cache(args.cache, model),  # `auto` as the servers resolve it for this model
             "max_queue": args.max_queue, "timeout_s": args.timeout, "serve_has_batching_option": has_batching,
             "serve_args": args.serve_arg, "server_threads": args.server_threads,
             "machine": f"{platform.machine()} with {os.cpu_count()} CPUs, Python {platform.python_version()}, "

@@ -20,18 +20,29 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the built-in model)")
+def _model_args(p: argparse.ArgumentParser, several: bool = False) -> None:
+    if several:
+        p.add_argument("--model", action="append", dest="models", default=None,
+                       help="checkpoint folder, hub id or builtin[:NAME]; repeat to compare models in one run "
+                            "(default: the built-in models)")
+    else:
+        p.add_argument("--model", default=None, help="checkpoint folder, hub id or builtin[:NAME] (default: the built-in model)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own Python code to run")
 
 
-def _decode_args(p: argparse.ArgumentParser) -> None:
+def _decode_args(p: argparse.ArgumentParser, several: bool = False) -> None:
+    from unmask.decoding.config import CACHE_CHOICES, CACHE_HELP  # here: `unmask --help` imports no torch
+
     p.add_argument("--gen-length", type=int, default=None, help="generation length (default: the model's)")
     p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block length (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache", default="none", choices=("none", "prefix", "dual"), help="KV cache mode")
+    if several:
+        p.add_argument("--cache", action="append", dest="caches", default=None, choices=CACHE_CHOICES,
+                       help=CACHE_HELP + "; repeat to compare modes in one run")
+    else:
+        p.add_argument("--cache", default="auto", choices=CACHE_CHOICES, help=CACHE_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat", action="store_true", help="feed the prompt raw, without the chat template")
 
     p = sub.add_parser("bench", help="run strategies on the same problems: accuracy, NFE, TPF, seconds")
-    _model_args(p)
+    _model_args(p, several=True)
     p.add_argument("--task", default="arith", help="arith, trace, gsm8k or humaneval (options as task:key=value)")
     p.add_argument("--split", default="test")
     p.add_argument("--strategy", action="append", dest="strategies", default=None,
@@ -66,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local: decode in this process; ray: one actor per GPU (or CPU slot) of a Ray cluster")
     p.add_argument("--address", default=None,
                    help="with --backend ray: the cluster to join (auto, ray://host:10001); default: start Ray here")
-    _decode_args(p)
+    _decode_args(p, several=True)
 
     from unmask.training.cli import add_train_parser
 
@@ -132,18 +143,19 @@ def cmd_bench(args) -> int:
     import time
     from pathlib import Path
 
-    from unmask.bench import BenchConfig, run_bench
+    from unmask.bench import BenchConfig
+    from unmask.bench.compare import run_comparison
     from unmask.bench.report import row_line
-    from unmask.bench.runner import all_strategies, default_strategies
+    from unmask.bench.runner import MAIN_MODELS, all_strategies, default_strategies
 
     if args.strategies and args.all_strategies:
         raise UnmaskError("pass either --strategy (repeatable) or --all, not both", field="strategy")
     strategies = args.strategies or (all_strategies() if args.all_strategies else default_strategies())
     cfg = BenchConfig(
-        model=args.model, task=args.task, split=args.split,
+        task=args.task, split=args.split,
         strategies=strategies, seed=args.seed,
         gen_length=args.gen_length, block_length=args.block_length, batch_size=args.batch_size, out=args.out,
-        device=args.device, dtype=args.dtype, cache=args.cache, trust_remote_code=args.trust_remote_code,
+        device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
         backend=args.backend, address=args.address, skip_unavailable=not args.strategies,
         **({} if args.limit is None else {"limit": args.limit}),  # the default lives in BenchConfig alone
     )
@@ -154,7 +166,7 @@ def cmd_bench(args) -> int:
 
         tqdm.write(f"{row_line(row)}   [{_elapsed(time.perf_counter() - start)} so far]")
 
-    run_bench(cfg, progress=not args.quiet, on_row=show)
+    run_comparison(cfg, args.models or list(MAIN_MODELS), args.caches or ["auto"], progress=not args.quiet, on_row=show)
     out = Path(args.out)
     print()
     print((out / "results.md").read_text())

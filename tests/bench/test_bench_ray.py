@@ -138,7 +138,7 @@ def test_a_bad_checkpoint_is_a_user_error_not_a_retry_loop(tmp_path, local_ray):
 
 
 def test_cli_passes_backend_and_address(monkeypatch, tmp_path, capsys):
-    import unmask.bench
+    import unmask.bench.compare
     from unmask.cli import main
 
     seen = {}
@@ -147,8 +147,9 @@ def test_cli_passes_backend_and_address(monkeypatch, tmp_path, capsys):
         seen.update(backend=cfg.backend, address=cfg.address)
         (tmp_path / "results.md").write_text("table\n")
 
-    monkeypatch.setattr(unmask.bench, "run_bench", fake_run_bench)
-    assert main(["bench", "--backend", "ray", "--address", "auto", "--out", str(tmp_path), "--quiet"]) == 0
+    monkeypatch.setattr(unmask.bench.compare, "run_bench", fake_run_bench)
+    assert main(["bench", "--model", "builtin", "--backend", "ray", "--address", "auto", "--out", str(tmp_path),
+                 "--quiet"]) == 0
     assert seen == {"backend": "ray", "address": "auto"}
     monkeypatch.undo()
 

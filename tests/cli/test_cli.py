@@ -121,6 +121,24 @@ def test_bench_default_is_the_main_comparison_and_all_is_every_policy(tiny_check
     assert [r["strategy"] for r in rows] == [n for n in policy_names() if n not in ("tspd", "learned_drafts")]
 
 
+def test_bench_without_a_model_compares_both_builtin_models(monkeypatch, tmp_path, capsys):
+    import unmask.bench.compare
+
+    arms = []
+
+    def fake_run_bench(cfg, progress=True, on_row=None):  # records each arm; decodes nothing
+        arms.append((cfg.model, cfg.cache, cfg.out))
+        cache = "dual" if cfg.model == "builtin:block" else "none"  # what `auto` resolves to for each
+        return {"model": cfg.model, "cache": cache, "device": "cpu", "gen_length": 48, "block_length": 16, "rows": []}
+
+    monkeypatch.setattr(unmask.bench.compare, "run_bench", fake_run_bench)
+    assert main(["bench", "--limit", "2", "--out", str(tmp_path), "--quiet"]) == 0
+    assert arms == [("builtin", "auto", str(tmp_path / "builtin-auto")),
+                    ("builtin:block", "auto", str(tmp_path / "builtin_block-auto"))]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [(a["model"], a["cache"]) for a in saved["arms"]] == [("builtin", "none"), ("builtin:block", "dual")]
+
+
 def test_bench_all_and_strategy_together_is_refused(tiny_checkpoint, capsys):
     with pytest.raises(SystemExit) as exc:
         sys.exit(main(["bench", "--model", tiny_checkpoint, "--all", "--strategy", "threshold"]))

@@ -130,7 +130,8 @@ def test_sdar_cached_calls_compute_the_prompts_whole_blocks_once_then_one_block_
     assert q.calls[1:] == expected
     assert seq.nfe == 1 + (2 + 1) + (4 + 1) + (4 + 1) == len(q.calls)
     assert len(seq.tokens) == 10  # 12 positions less the prompt's tail
-    plain = generate(model, [prompt], "sdar:rule=static", gen_length=8, block_length=4, early_stop=False).sequences[0]
+    plain = generate(model, [prompt], "sdar:rule=static", gen_length=8, block_length=4, cache="none",
+                     early_stop=False).sequences[0]
     assert plain.tokens == seq.tokens and plain.nfe == 2 + 4 + 4  # no prefill, no store calls
 
 

@@ -41,3 +41,21 @@ def test_auto_is_the_fast_default_where_a_controller_exists_else_threshold(tiny_
     tiny = build_engine(load_model(tiny_checkpoint))  # no controller beside it
     assert tiny.config.strategy == FALLBACK_DEFAULT == "threshold"
     assert tiny.health()["default_strategy"] == "threshold"
+
+
+def test_a_checkpoints_own_serving_default_wins_where_it_can_run(tmp_path):
+    import json
+
+    from unmask.models import load_model
+    from unmask.serve import build_engine
+    from unmask.testing import write_tiny_llada
+
+    folder = write_tiny_llada(tmp_path / "m", gen_length=16, block_length=8)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["unmask_defaults"]["serve_strategy"] = "r2"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert build_engine(load_model(str(folder))).config.strategy == "r2"
+    # one it cannot run (tspd without a controller beside the model) falls back to the rule: threshold
+    cfg["unmask_defaults"]["serve_strategy"] = "tspd:ce=true"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert build_engine(load_model(str(folder))).config.strategy == "threshold"

@@ -41,6 +41,7 @@ from unmask.bench.runner import (
     weights_fingerprint,
     write_results,
 )
+from unmask.decoding.config import resolve_cache
 from unmask.errors import UnmaskError
 
 MAX_SHARD_ATTEMPTS = 3  # a shard that kills this many workers is a bug to report, not bad luck
@@ -83,7 +84,7 @@ class BenchWorker:
         return {
             "model": self.model.name, "weights": weights_fingerprint(self.model),
             "gen_length": self.decode.gen_length, "block_length": self.decode.block_length,
-            "device": self.device, "pid": os.getpid(),
+            "cache": resolve_cache(self.cfg.cache, self.model), "device": self.device, "pid": os.getpid(),
             "unavailable": [self._policy(s).unavailable(self.model) for s in self.cfg.strategies],
         }
 
@@ -97,7 +98,7 @@ class BenchWorker:
     def run_shard(self, strategy: str, problems: list) -> list[dict]:
         return decode_chunk(
             self.model, self.task, self._policy(strategy), problems, gen_length=self.decode.gen_length,
-            block_length=self.decode.block_length, seed=self.cfg.seed, cache=self.cfg.cache,
+            block_length=self.decode.block_length, seed=self.cfg.seed, cache=resolve_cache(self.cfg.cache, self.model),
         )
 
 
@@ -122,6 +123,7 @@ def run_bench_ray(
         most_shards = len(policies) * math.ceil(len(problems) / cfg.batch_size)
         pool = _Pool(ray, cfg, options, device, min(slots, most_shards), on_event)
         info = pool.first_info()
+        cfg = dataclasses.replace(cfg, cache=info["cache"])  # `auto` as the model resolves it
         keep = usable(cfg, info["unavailable"])
         specs, policies = [cfg.strategies[i] for i in keep], [policies[i] for i in keep]
         header = run_header(cfg, info["model"], info["gen_length"], info["block_length"], info["weights"])

@@ -31,22 +31,32 @@ def frontier_rows(rows: list[dict]) -> set[int]:
     return {idx[i] for i in front}
 
 
+def _arm(row: dict) -> tuple:
+    """(model, cache) of a comparison's row (`unmask.bench.compare`); () in a one-model run."""
+    return (row["model"], row["cache"]) if "model" in row else ()
+
+
 def oracle_shares(rows: list[dict]) -> list[float | None]:
-    """Each row's TPF as a share of the oracle bound's (None without an oracle row in the run).
+    """Each row's TPF as a share of the oracle bound's of the same model and cache mode (None
+    without an oracle row there).
 
     TPF is generation positions decided per call, so the share is also the oracle's NFE over the
     row's: 0.8 means 1.25x the bound's calls. The bound's own row is 1.
     """
-    bound = next((r for r in rows if r["strategy"] == BOUND), None)
-    if bound is None or not bound.get("tpf"):
-        return [None] * len(rows)
-    return [r["tpf"] / bound["tpf"] for r in rows]
+    bounds = {_arm(r): r for r in rows if r["strategy"] == BOUND and r.get("tpf")}
+    return [r["tpf"] / bounds[_arm(r)]["tpf"] if _arm(r) in bounds else None for r in rows]
+
+
+def full_label(row: dict) -> str:
+    """`_label`, after the model and cache mode in a comparison."""
+    arm = _arm(row)
+    return f"{arm[0]} ({arm[1]}) {_label(row)}" if arm else _label(row)
 
 
 def row_line(row: dict) -> str:
     """One strategy's row on one line, for printing as soon as it is done."""
     lo, hi = row["accuracy_ci"]
-    return (f"{_label(row):<28} accuracy {row['accuracy']:.3f} ({lo:.3f}-{hi:.3f})  NFE {row['nfe']:6.2f}  "
+    return (f"{full_label(row):<28} accuracy {row['accuracy']:.3f} ({lo:.3f}-{hi:.3f})  NFE {row['nfe']:6.2f}  "
             f"TPF {row['tpf']:5.2f}  {row['tokens_per_s']:7.1f} tokens/s  n={row['n']}")
 
 
@@ -54,6 +64,7 @@ def write_markdown(results: dict, path: Path) -> None:
     rows = results["rows"]
     front = frontier_rows(rows)
     shares = oracle_shares(rows)
+    compared = any(_arm(r) for r in rows)
     lines = [
         f"# {results['task']} ({results['split']}), model {results['model']}",
         "",
@@ -62,14 +73,16 @@ def write_markdown(results: dict, path: Path) -> None:
         f"device {results['device']}. ★ = on the accuracy/NFE frontier. "
         "\"of oracle TPF\": the row's TPF over the oracle bound's (the bound's NFE over the row's).",
         "",
-        "| | strategy | accuracy (95% CI) | NFE | rows | TPF | of oracle TPF | tokens/row | useful tokens | tokens/s | latency s | policy % | R_total |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| |" + (" model | cache |" if compared else "") + " strategy | accuracy (95% CI) | NFE | rows | TPF | of oracle TPF | "
+        "tokens/row | useful tokens | tokens/s | latency s | policy % | R_total |",
+        "|---|" + ("---|---|" if compared else "") + "---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, r in enumerate(rows):
         mark = "★" if i in front else ("bound" if r["strategy"] == BOUND else "")
         lo, hi = r["accuracy_ci"]
+        arm = f" {r['model']} | {r['cache']} |" if compared else ""
         lines.append(
-            f"| {mark} | `{_label(r)}` | {r['accuracy']:.3f} ({lo:.3f}–{hi:.3f}) | {r['nfe']:.2f} | {r['rows']:.2f} | "
+            f"| {mark} |{arm} `{_label(r)}` | {r['accuracy']:.3f} ({lo:.3f}–{hi:.3f}) | {r['nfe']:.2f} | {r['rows']:.2f} | "
             f"{r['tpf']:.2f} | {'—' if shares[i] is None else f'{100 * shares[i]:.0f}%'} | {r.get('tokens_per_row', 0):.2f} | {r['useful_tokens']:.1f} | {r['tokens_per_s']:.1f} | {r['latency_s']:.3f} | {100 * r.get('policy_time_frac', 0.0):.1f} | {r.get('redundancy', {}).get('r_total', 0.0):.1f} |"
         )
     extra = results.get("report_extra")
@@ -106,9 +119,10 @@ def pareto_figure(results: dict):
                     fmt="*" if bound else "o", ms=11 if bound else 6, color=color, ecolor=color, elinewidth=1,
                     capsize=3, alpha=0.9, zorder=4 if bound else 3)
         if bound:
-            ax.axvline(r["nfe"], color="tab:red", ls="--", lw=1, label=f"oracle bound (NFE {r['nfe']:.1f})")
+            ax.axvline(r["nfe"], color="tab:red", ls="--", lw=1,
+                       label=f"{full_label(dict(r, strategy='oracle', params={}))} bound (NFE {r['nfe']:.1f})")
         points.append((r["nfe"], r["accuracy"]))
-        labels.append("oracle" if bound else _label(r))
+        labels.append(full_label(dict(r, strategy="oracle", params={})) if bound else full_label(r))
     if front:
         pts = sorted((rows[i]["nfe"], rows[i]["accuracy"]) for i in front)
         ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", color="tab:blue", lw=1.2, label="frontier")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,6 +23,7 @@ import torch
 
 from unmask.bench.stats import wilson_interval
 from unmask.decoding import DecodeConfig, generate, parse_strategy
+from unmask.decoding.config import resolve_cache
 from unmask.decoding.redundancy import COUNTS, redundancy_counts
 from unmask.errors import NonFiniteLogitsError, UnmaskError
 
@@ -33,6 +34,10 @@ BACKENDS = ("local", "ray")
 # seed method at its paper's setting (TSPD with its Confidence Extrapolation, as the paper pairs
 # them), the one-call floor and the oracle bound. `unmask bench --all` runs every registered policy.
 MAIN_STRATEGIES = ("low_confidence", "threshold", "r2", "tspd:ce=true", "psd", "one_shot", "oracle")
+
+
+# the models the main job compares (`unmask bench` without --model)
+MAIN_MODELS = ("builtin", "builtin:block")
 
 
 def default_strategies() -> list[str]:
@@ -65,7 +70,7 @@ class BenchConfig:
     out: str = "runs/bench"
     device: str | None = None
     dtype: str | None = None
-    cache: str = "none"
+    cache: str = "auto"  # "auto": the exact cache of a block-diffusion model, none for a bidirectional one
     trust_remote_code: bool = False
     # with the default strategy list, a policy that lacks a trained part for this model (tspd
     # without a controller) is skipped with a note instead of stopping the run
@@ -283,6 +288,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True, on_row: Callable[[dict], 
 
     policies, task, problems = prepare(cfg)
     model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    cfg = replace(cfg, cache=resolve_cache(cfg.cache, model))  # `auto` as this model resolves it
     policies = [policies[i] for i in usable(cfg, [p.unavailable(model) for p in policies])]
     decode = DecodeConfig(gen_length=cfg.gen_length, block_length=cfg.block_length, cache=cfg.cache).resolved(model.defaults)
     gen_length, block_length = decode.gen_length, decode.block_length

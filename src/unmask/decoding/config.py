@@ -7,6 +7,18 @@ from dataclasses import dataclass
 from unmask.errors import UnmaskError
 
 CACHE_MODES = ("none", "prefix", "dual")
+CACHE_CHOICES = ("auto",) + CACHE_MODES  # what a user may ask for; `auto` is resolved per model
+CACHE_HELP = ("KV cache mode (default auto: the exact cache of a block-diffusion model, none for a bidirectional "
+              "one, whose prefix and dual caches are approximations)")
+
+
+def resolve_cache(cache: str, model) -> str:
+    """The cache mode a decode of `model` runs with: `auto` is the exact cache of a block-diffusion
+    model (`dual`; its prefix and dual modes are the same exact cache) and none for a bidirectional
+    one, whose caches are approximations that can change answers (ask for them by name)."""
+    if cache != "auto":
+        return cache
+    return "dual" if getattr(model, "block_diffusion", None) is not None and model.supports_cache else "none"
 
 
 @dataclass
@@ -22,7 +34,7 @@ class DecodeConfig:
     seed: int = 0
     early_stop: bool = True  # stop once an EOS is committed with only EOS predicted after it
     record_trace: bool = False
-    cache: str = "none"
+    cache: str = "auto"  # "auto": the exact cache of a block-diffusion model, none for a bidirectional one (`resolve_cache`)
     max_steps_per_block: int | None = None  # safety bound for remasking policies (default 4 x block)
 
     def resolved(self, defaults, whole_generation: bool = False) -> "DecodeConfig":
@@ -47,8 +59,8 @@ class DecodeConfig:
                 "pick a block length that is a divisor of the generation length",
                 field="block_length",
             )
-        if self.cache not in CACHE_MODES:
-            raise UnmaskError(f"cache must be one of {', '.join(CACHE_MODES)}, got {self.cache!r}", field="cache")
+        if self.cache not in CACHE_CHOICES:
+            raise UnmaskError(f"cache must be one of {', '.join(CACHE_CHOICES)}, got {self.cache!r}", field="cache")
 
     @property
     def num_blocks(self) -> int:

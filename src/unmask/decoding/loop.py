@@ -22,13 +22,14 @@ seeded with its seed, so a prompt decodes to the same tokens alone or in any bat
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Callable, Sequence
 
 import torch
 
 from unmask.decoding.blocks import answer_stop, block_stop, stop_rule, stop_rule_of
 from unmask.decoding.calls import ModelCalls, Said
-from unmask.decoding.config import DecodeConfig
+from unmask.decoding.config import DecodeConfig, resolve_cache
 from unmask.decoding.policies.base import Decision, Policy, StepView, most_confident
 from unmask.decoding.results import DecodeResult, SequenceResult, sequence_result
 from unmask.decoding.rows import (Joiner, RowTable, attention_block, grow_state, narrow_state, region_config,
@@ -82,7 +83,7 @@ class Decoder:
                  cancelled: Callable[[int], bool] | None = None):
         self.model = model
         self.policy = policy
-        self.config = config
+        self.config = replace(config, cache=resolve_cache(config.cache, model))  # `auto` decided for this model
         self.progress = progress
         # on_block(seq, block_index, generation tokens so far): a block of sequence `seq` is final (streaming)
         self.on_block = on_block

@@ -23,7 +23,7 @@ model_args (lm-eval splits them on commas):
     trust_remote_code    allow a checkpoint's own Python code to run (default false)
     mc_num           Monte Carlo samples per loglikelihood request (default 32)
     mc_batch_size    sequences per forward when scoring loglikelihood (default 32)
-    cache            KV cache mode for decoding: none, prefix or dual (default none)
+    cache            KV cache mode for decoding: auto, none, prefix or dual (default auto: the exact cache of a block-diffusion model, none for a bidirectional one)
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ class UnmaskLM(LM):
         trust_remote_code: bool = False,
         mc_num: int = 32,
         mc_batch_size: int = 32,
-        cache: str = "none",
+        cache: str = "auto",
         max_batch_size: int | None = None,  # lm-eval passes it with --batch_size auto; unused
         **unknown: Any,
     ):

@@ -36,6 +36,9 @@ class DecodeDefaults:
 
     gen_length: int = 256
     block_length: int = 32
+    # what `unmask serve --strategy auto` runs on this checkpoint, where it was measured for it (config
+    # `unmask_defaults.serve_strategy`; `builtin:block` names its own); None: `serving_default`'s rule
+    serve_strategy: str | None = None
 
 
 @dataclass(frozen=True)

@@ -60,9 +60,11 @@ def resolve_checkpoint(spec: str | None) -> Path:
     if spec is None or spec == "builtin" or spec.startswith("builtin:"):
         path = builtin_path(spec or "builtin")
         if not (path / "config.json").exists():
+            shipped = [p.name for p in BUILTIN_DIR.iterdir() if (p / "config.json").exists()] if BUILTIN_DIR.is_dir() else []
+            names = ", ".join(sorted("builtin" if v == "default" else f"builtin:{v}" for v in shipped)) or "none"
             raise UnmaskError(
-                f"the built-in model is missing from {path}; reinstall unmask or train one with "
-                "`unmask train sft --out <dir>` and pass --model <dir>"
+                f"the built-in model {spec or 'builtin'} is missing from {path} (shipped: {names}); reinstall "
+                "unmask or train one with `unmask train sft --out <dir>` and pass --model <dir>"
             )
         return path
     path = Path(spec).expanduser()
@@ -252,6 +254,8 @@ def save_checkpoint(model: DiffusionLM, out: str | Path, max_shard_bytes: int | 
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.network.config.to_dict()
     cfg["unmask_defaults"] = {"gen_length": model.defaults.gen_length, "block_length": model.defaults.block_length}
+    if model.defaults.serve_strategy:
+        cfg["unmask_defaults"]["serve_strategy"] = model.defaults.serve_strategy
     if extra_config:
         cfg.update(extra_config)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

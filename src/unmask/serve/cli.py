@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import sys
 
+from unmask.decoding.config import CACHE_CHOICES, CACHE_HELP
 from unmask.serve.engine import DEFAULT_MAX_BATCH_SIZE
 
 
@@ -26,7 +27,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before the server answers 429")
     p.add_argument("--max-body-bytes", type=int, default=2**20,
                    help="largest request body accepted, in bytes; larger ones get HTTP 413 (default 1 MiB)")
-    p.add_argument("--cache", default="none", choices=("none", "prefix", "dual"), help="KV cache mode")
+    p.add_argument("--cache", default="auto", choices=CACHE_CHOICES, help=CACHE_HELP)
     p.add_argument("--batching", default="continuous", choices=("continuous", "static"),
                    help="continuous (default): requests join a running decode before any model call; "
                         "static: each batch runs to completion while new requests wait")

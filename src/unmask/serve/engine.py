@@ -71,7 +71,7 @@ class EngineConfig:
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE  # sequences decoded together (active at once, in continuous batching)
     max_queue: int = 256  # requests waiting (not yet decoding); past it, submit raises QueueFull
     strategy: str = "auto"  # used when a request names none; "auto": see `serving_default`
-    cache: str = "none"
+    cache: str = "auto"  # "auto": the exact cache of a block-diffusion model, none for a bidirectional one
     batching: str = "continuous"  # "continuous": requests join a running decode; "static": whole batches
 
 
@@ -227,10 +227,15 @@ FALLBACK_DEFAULT = "threshold"
 
 
 def serving_default(model) -> str:
-    """The strategy "auto" stands for on `model`: FAST_DEFAULT if it can run there, else the model
-    family's own decoder where it has one (LLaDA2.x, SDAR, Fast-dLLM v2), else FALLBACK_DEFAULT."""
+    """The strategy "auto" stands for on `model`: the checkpoint's own measured choice where it names
+    one and can run it (`unmask_defaults.serve_strategy`: `builtin:block`'s is r2), else FAST_DEFAULT
+    if it can run there, else the model family's own decoder where it has one (LLaDA2.x, SDAR,
+    Fast-dLLM v2), else FALLBACK_DEFAULT."""
     from unmask.decoding.registry import parse_strategy
 
+    own_choice = getattr(getattr(model, "defaults", None), "serve_strategy", None)
+    if own_choice and parse_strategy(own_choice).unavailable(model) is None:
+        return own_choice
     if parse_strategy(FAST_DEFAULT).unavailable(model) is None:
         return FAST_DEFAULT
     own = getattr(model, "default_strategy", "low_confidence")
@@ -285,6 +290,11 @@ class Engine:
                               field="batching")
         if self.config.strategy == "auto":
             self.config.strategy = serving_default(model)
+        from unmask.decoding.config import CACHE_CHOICES, resolve_cache
+
+        if self.config.cache not in CACHE_CHOICES:
+            raise UnmaskError(f"cache must be one of {', '.join(CACHE_CHOICES)}, got {self.config.cache!r}", field="cache")
+        self.config.cache = resolve_cache(self.config.cache, model)
         parse_strategy(self.config.strategy)  # a bad default strategy fails at start, not per request
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()

@@ -157,7 +157,7 @@ async def _run(base_url, cases, clients, per_client, duration_s, timeout_s) -> L
 
 
 def expected_texts(model, cases: list[LoadCase], default_strategy: str = "low_confidence", progress=None,
-                   cache: str = "none") -> int:
+                   cache: str = "auto") -> int:
     """Fill each case's `expected` by decoding it directly (no server), one prompt per `generate` call.
 
     `cache` is the KV cache mode the servers run with (a cached decode is an approximation, so the

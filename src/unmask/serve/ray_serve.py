@@ -57,7 +57,7 @@ class ReplicaSettings:
     strategy: str = "auto"  # as `unmask serve`: tspd:ce=true,stability=true where its controller exists, else threshold
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     max_queue: int = 256
-    cache: str = "none"
+    cache: str = "auto"
     served_model_name: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     engine_options: dict[str, Any] = field(default_factory=dict)  # more `build_engine` keywords

@@ -17,7 +17,7 @@ from unmask.serve.protocol import DEFAULT_MAX_BODY_BYTES
 
 
 def build_engine(model, strategy: str = "auto", max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, max_queue: int = 256,
-                 cache: str = "none", batching: str = "continuous") -> Engine:
+                 cache: str = "auto", batching: str = "continuous") -> Engine:
     return Engine(model, EngineConfig(max_batch_size=max_batch_size, max_queue=max_queue, strategy=strategy, cache=cache,
                                       batching=batching))
 

@@ -85,3 +85,5 @@ def make_block_causal(model) -> None:
                           f"{model.name} is a {model.kind or type(model.network).__name__} model", field="init")
     model.network.config.block_causal = True
     model.block_diffusion = LLADA_BLOCKS
+    # its own name in every table (the checkpoint's `unmask_name`): the built-in one's is builtin:block
+    model.name = "builtin:block" if model.name == "builtin" else f"{model.name}-block"

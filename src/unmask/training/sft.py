@@ -110,6 +110,8 @@ def prepare(config: TrainConfig) -> Trainer:
         state = torch.load(state_file, map_location="cpu", weights_only=False)
         saved = TrainConfig.from_dict(state["config"])
         overrides = {k: getattr(config, k) for k in TrainConfig.RESUMABLE_OVERRIDES}
+        if config.time_budget_s is None:  # no --time-budget given: keep the saved one
+            overrides.pop("time_budget_s")
         config = dataclasses.replace(saved, out=config.out, resume=True, **overrides)
     if config.threads:
         torch.set_num_threads(config.threads)

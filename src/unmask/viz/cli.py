@@ -16,7 +16,9 @@ def add_viz_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--gen-length", type=int, default=None, help="generation length (default: the model's)")
     p.add_argument("--block-length", type=int, default=None, help="block length (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache", default="none", choices=("none", "prefix", "dual"), help="KV cache mode")
+    from unmask.decoding.config import CACHE_CHOICES, CACHE_HELP  # here: building the parser imports no torch
+
+    p.add_argument("--cache", default="auto", choices=CACHE_CHOICES, help=CACHE_HELP)
     p.add_argument("--no-chat", action="store_true", help="feed the prompt raw, without the chat template")
     p.add_argument("--out", default="runs/viz", help="output folder (default runs/viz)")
     p.add_argument("--name", default=None, help="file name stem (default: the strategy name)")

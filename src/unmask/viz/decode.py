@@ -46,7 +46,7 @@ def _labels(tokenizer, ids) -> list[str]:
 
 def _block_length(trace: Trace) -> int:
     """Positions per block when the caller does not say: gen / blocks the trace visited (exact without early stop)."""
-    gen = trace.top1.shape[1]
+    gen = trace.top1.shape[1] + int(trace.lead)  # the first block also holds the prompt's tail
     blocks = int(trace.block.max()) + 1 if trace.block.size else 1
     return gen // blocks if blocks and gen % blocks == 0 else gen
 
@@ -91,7 +91,8 @@ def _png(trace: Trace, tokenizer, path: Path, title: str, block: int) -> Path:
     if trace.remasked:
         ax.scatter([p for _, p in trace.remasked], [s for s, _ in trace.remasked], s=36, marker="x", c="red",
                    linewidths=1.2, zorder=4, label="remasked")
-    for b in range(block, gen, block):
+    lead = int(trace.lead)  # a block-diffusion prompt's tail opens the first block
+    for b in range(block - lead, gen, block):
         ax.axvline(b - 0.5, color="white", linestyle="--", linewidth=1.0)
     for s in np.nonzero(np.diff(trace.block))[0]:
         ax.axhline(s + 0.5, color="white", linestyle=":", linewidth=0.8)
@@ -147,13 +148,14 @@ def _html(trace: Trace, tokenizer, path: Path, title: str, block: int, meta: dic
     final = _labels(tokenizer, trace.final_tokens)
     commit = {p: s for s, p in committed_cells(trace)}
     remask = set(map(tuple, trace.remasked))
+    lead = int(trace.lead)  # a block-diffusion prompt's tail opens the first block
     masked = trace.masked_before.astype(bool)
     conf = trace.confidence
     esc = html.escape
 
     head = ['<tr><th class="step">step</th>']
     for p, lbl in enumerate(final):
-        cls = ' class="bb"' if p and p % block == 0 else ""
+        cls = ' class="bb"' if p and (p + lead) % block == 0 else ""
         head.append(f'<th{cls} title="position {p}: {esc(lbl, quote=True)}">{esc(lbl)}</th>')
     head.append("</tr>")
     rows = []
@@ -168,7 +170,7 @@ def _html(trace: Trace, tokenizer, path: Path, title: str, block: int, meta: dic
             classes = []
             if not masked[s, p]:
                 classes.append("done")
-            if p and p % block == 0:
+            if p and (p + lead) % block == 0:
                 classes.append("bb")
             mark = ""
             if commit.get(p) == s:
@@ -210,7 +212,7 @@ def _html(trace: Trace, tokenizer, path: Path, title: str, block: int, meta: dic
 
 def render_decode(model, prompt, strategy="low_confidence", out_dir: str | Path = "runs/viz", name: str = "decode", *,
                   gen_length: int | None = None, block_length: int | None = None, seed: int = 0, chat: bool = True,
-                  cache: str = "none") -> tuple[Path, Path]:
+                  cache: str = "auto") -> tuple[Path, Path]:
     """Decode `prompt` once with `strategy`, recording the trace, and draw it.
 
     `model`: a loaded `DiffusionLM`, or a checkpoint spec for `load_model` (None: the built-in model).
