@@ -98,7 +98,7 @@ class BenchWorker:
     def run_shard(self, strategy: str, problems: list) -> list[dict]:
         return decode_chunk(
             self.model, self.task, self._policy(strategy), problems, gen_length=self.decode.gen_length,
-            block_length=self.decode.block_length, seed=self.cfg.seed, cache=resolve_cache(self.cfg.cache, self.model),
+            block_length=self.decode.block_length, seed=self.cfg.seed, cache=self.cfg.cache,
         )
 
 
