@@ -36,7 +36,7 @@ def test_shipped_folder_is_the_builtin_layout_made_block_causal():
     assert cfg_block["unmask_name"] == "builtin:block" and cfg_plain["unmask_name"] == "builtin"
     # the same network otherwise: every key but the block key, the name and the step count agree
     # the same decode defaults, and the serving default measured for it (docs/methods.md)
-    assert cfg_block["unmask_defaults"] == {**cfg_plain["unmask_defaults"], "serve_strategy": "r2"}
+    assert cfg_block["unmask_defaults"] == {**cfg_plain["unmask_defaults"], "serve_strategy": "threshold"}
     # the same network otherwise: the configs as loaded agree but for the block key (the newer file
     # also spells out four LLaDA keys at their defaults, which the older one leaves out)
     net_plain = dataclasses.asdict(load_model("builtin").network.config)
@@ -76,7 +76,7 @@ def test_cached_and_uncached_decodes_are_token_identical(block):
 def test_its_serving_default_is_its_own_measured_choice(block):
     from unmask.serve.engine import FAST_DEFAULT, serving_default
 
-    assert block.defaults.serve_strategy == "r2" and serving_default(block) == "r2"
+    assert block.defaults.serve_strategy == "threshold" and serving_default(block) == "threshold"
     assert serving_default(load_model("builtin")) == FAST_DEFAULT  # the bidirectional model keeps the rule
 
 

@@ -228,7 +228,7 @@ FALLBACK_DEFAULT = "threshold"
 
 def serving_default(model) -> str:
     """The strategy "auto" stands for on `model`: the checkpoint's own measured choice where it names
-    one and can run it (`unmask_defaults.serve_strategy`: `builtin:block`'s is r2), else FAST_DEFAULT
+    one and can run it (`unmask_defaults.serve_strategy`: `builtin:block`'s is threshold), else FAST_DEFAULT
     if it can run there, else the model family's own decoder where it has one (LLaDA2.x, SDAR,
     Fast-dLLM v2), else FALLBACK_DEFAULT."""
     from unmask.decoding.registry import parse_strategy
