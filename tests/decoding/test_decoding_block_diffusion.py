@@ -249,3 +249,32 @@ def test_one_shot_attends_in_the_models_own_blocks(llada2):
     assert (seq.nfe, len(seq.tokens)) == (1, 29)
     cfg = DecodeConfig(gen_length=24).resolved(llada2.defaults, whole_generation=True)
     assert RowTable(llada2, parse_strategy("one_shot"), cfg, record_trace=False, use_cache=False).attn_block == 8
+
+
+def test_rows_starting_a_block_never_widen_the_other_rows_call():
+    # blocks of 8: an 8-token prompt (no tail) and a 4-token one (its tail shares the first block), so
+    # the two rows start their blocks on different steps. A row's block-start call computes what is
+    # before its block too (more than 8 positions); the other rows compute their block alone (8 or
+    # fewer), in a call of their own: no call mixes the two, and a step with both makes two calls.
+    from unmask.decoding.calls import width_groups
+
+    assert [g.tolist() for g in width_groups(torch.tensor([16, 8, 24, 8]), 8)] == [[0, 2], [1, 3]]
+    assert [g.tolist() for g in width_groups(torch.tensor([8, 8]), 8)] == [[0, 1]]
+    model = load_model(str(write_tiny_llada(Path(__import__("tempfile").mkdtemp()), block_causal=True, seed=3)))
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12], [12, 11, 10, 9]]
+    widths = []
+    original = model.features_at
+
+    def spy(input_ids, position_ids, query_pos, *args, **kwargs):
+        widths.append([len(set(row)) for row in query_pos.tolist()])
+        return original(input_ids, position_ids, query_pos, *args, **kwargs)
+
+    model.features_at = spy
+    seqs = generate(model, prompts, "low_confidence:steps=6", gen_length=16, block_length=8, cache="dual",
+                    chat=False, early_stop=False).sequences
+    del model.features_at
+    assert all(all(w > 8 for w in call) or all(w <= 8 for w in call) for call in widths), widths
+    assert len(widths) > max(s.nfe for s in seqs)  # some step made two calls
+    plain = generate(model, prompts, "low_confidence:steps=6", gen_length=16, block_length=8, cache="none",
+                     chat=False, early_stop=False).sequences
+    assert [(s.tokens, s.nfe) for s in seqs] == [(s.tokens, s.nfe) for s in plain]

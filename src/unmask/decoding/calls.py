@@ -41,6 +41,19 @@ class Said:
     features: torch.Tensor  # (q, F)
 
 
+def width_groups(widths: torch.Tensor, block: int) -> list[torch.Tensor]:
+    """The rows of one block-diffusion step, grouped into cached calls by how much they compute
+    (`widths`, positions per row): a call computes one width for all its rows, padding the narrower
+    ones by repeating their last position. Rows that also compute what is before their block (a
+    block's first call: the finished block again, or the prompt) go in one call and the rest, which
+    compute their block alone, in another, so a row starting a block never widens the others' call.
+    Each row is in exactly one group (one NFE); one group when all rows are alike."""
+    wide = widths > block
+    if bool(wide.all()) or not bool(wide.any()):
+        return [torch.arange(widths.shape[0], device=widths.device)]
+    return [wide.nonzero()[:, 0], (~wide).nonzero()[:, 0]]
+
+
 class ModelCalls:
     """Calls the model for slots of a `RowTable`; counts each sequence's NFE and rows, times the calls."""
 
@@ -114,7 +127,8 @@ class ModelCalls:
         only the positions from the first whose stored keys are not final (the finished block before
         this one when the family computes it again here; for a shifted model the position before the
         block, whose hidden state predicts the block's first token) to the block's end, over the
-        cached keys, writing theirs."""
+        cached keys, writing theirs; the rows starting a block and the others in separate calls
+        (`width_groups`)."""
         table, model = self.table, self.model
         if table.cache is None:
             return self.forward(slots, block_pos, partial=False)
@@ -122,7 +136,13 @@ class ModelCalls:
         starts = table.prompt_len + block_pos[:, 0]
         ends = torch.minimum(starts + block_pos.shape[1], table.prompt_len + table.row_gen[slots])
         first = torch.minimum(table.kv_done[slots], starts - shift).clamp(min=table.prompt_start[slots])
-        out = self.compute(slots, first, ends, table.prompt_len + block_pos - shift)
+        sources = table.prompt_len + block_pos - shift
+        out = None
+        for group in width_groups(ends - first, block_pos.shape[1]):
+            part = self.compute(slots[group], first[group], ends[group], sources[group])
+            if out is None:
+                out = part.new_empty((slots.shape[0],) + tuple(part.shape[1:]))
+            out[group] = part
         table.kv_done[slots] = starts  # everything before the current block is final and stored
         return out
 
