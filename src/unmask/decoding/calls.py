@@ -49,7 +49,7 @@ def width_groups(widths: torch.Tensor, block: int) -> list[torch.Tensor]:
     compute their block alone, in another, so a row starting a block never widens the others' call.
     Each row is in exactly one group (one NFE); one group when all rows are alike."""
     wide = widths > block
-    if bool(wide.all()) or not bool(wide.any()):
+    if int(wide.sum()) in (0, widths.shape[0]):
         return [torch.arange(widths.shape[0], device=widths.device)]
     return [wide.nonzero()[:, 0], (~wide).nonzero()[:, 0]]
 
@@ -137,12 +137,14 @@ class ModelCalls:
         ends = torch.minimum(starts + block_pos.shape[1], table.prompt_len + table.row_gen[slots])
         first = torch.minimum(table.kv_done[slots], starts - shift).clamp(min=table.prompt_start[slots])
         sources = table.prompt_len + block_pos - shift
-        out = None
-        for group in width_groups(ends - first, block_pos.shape[1]):
-            part = self.compute(slots[group], first[group], ends[group], sources[group])
-            if out is None:
-                out = part.new_empty((slots.shape[0],) + tuple(part.shape[1:]))
-            out[group] = part
+        groups = width_groups(ends - first, block_pos.shape[1])
+        if len(groups) == 1:
+            out = self.compute(slots, first, ends, sources)
+        else:
+            parts = [(g, self.compute(slots[g], first[g], ends[g], sources[g])) for g in groups]
+            out = parts[0][1].new_empty((slots.shape[0],) + tuple(parts[0][1].shape[1:]))
+            for g, part in parts:
+                out[g] = part
         table.kv_done[slots] = starts  # everything before the current block is final and stored
         return out
 
