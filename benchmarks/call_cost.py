@@ -2,9 +2,10 @@
 
 A batched call computes the same number of query positions for every row of the batch. With the
 exact cache of a block-diffusion model a call computes the current block, and on a block's first
-call also the finished block before it (its keys become final there), so when any row of the
-batch starts a block the call is two blocks wide for every row and the others repeat their last
-position ("duplicate" positions below). The bidirectional model's dual cache computes the whole
+call also the finished block before it (its keys become final there). The loop calls the rows
+starting a block apart from the others (`width_groups` in `unmask.decoding.calls`); where one call
+still holds rows of different widths, the narrower ones repeat their last position ("duplicate"
+positions below). The bidirectional model's dual cache computes the whole
 canvas at each block's start (a refresh) and the block alone in between. On a CPU the figures
 say where a call's time goes: the share spent in matrix products (the torch profiler's self time
 of `aten::mm`, `addmm` and `bmm`) against everything else a call does.

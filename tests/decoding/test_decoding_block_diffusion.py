@@ -251,7 +251,7 @@ def test_one_shot_attends_in_the_models_own_blocks(llada2):
     assert RowTable(llada2, parse_strategy("one_shot"), cfg, record_trace=False, use_cache=False).attn_block == 8
 
 
-def test_rows_starting_a_block_never_widen_the_other_rows_call():
+def test_rows_starting_a_block_never_widen_the_other_rows_call(tmp_path):
     # blocks of 8: an 8-token prompt (no tail) and a 4-token one (its tail shares the first block), so
     # the two rows start their blocks on different steps. A row's block-start call computes what is
     # before its block too (more than 8 positions); the other rows compute their block alone (8 or
@@ -260,7 +260,7 @@ def test_rows_starting_a_block_never_widen_the_other_rows_call():
 
     assert [g.tolist() for g in width_groups(torch.tensor([16, 8, 24, 8]), 8)] == [[0, 2], [1, 3]]
     assert [g.tolist() for g in width_groups(torch.tensor([8, 8]), 8)] == [[0, 1]]
-    model = load_model(str(write_tiny_llada(Path(__import__("tempfile").mkdtemp()), block_causal=True, seed=3)))
+    model = load_model(str(write_tiny_llada(tmp_path, block_causal=True, seed=3)))
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12], [12, 11, 10, 9]]
     widths = []
     original = model.features_at
